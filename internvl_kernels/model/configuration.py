@@ -1,0 +1,170 @@
+"""Configs mirroring the official ``InternVisionConfig`` / ``InternVLChatConfig`` field names.
+
+Unknown fields of an official ``config.json`` (``architectures``, ``torch_dtype``, ``auto_map`` ...) are kept in
+``extra`` and written back unchanged; values this implementation cannot honour raise :class:`UnsupportedConfigError`.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class UnsupportedConfigError(ValueError):
+    """A config value this implementation does not support (named in the message)."""
+
+
+@dataclass
+class InternVisionConfig:
+    num_channels: int = 3
+    patch_size: int = 14
+    image_size: int = 448
+    qkv_bias: bool = False
+    hidden_size: int = 3200
+    num_attention_heads: int = 25
+    intermediate_size: int = 12800
+    qk_normalization: bool = True
+    num_hidden_layers: int = 48
+    use_flash_attn: bool = False
+    hidden_act: str = "gelu"
+    norm_type: str = "rms_norm"
+    layer_norm_eps: float = 1e-6
+    dropout: float = 0.0
+    drop_path_rate: float = 0.0
+    attention_dropout: float = 0.0
+    initializer_range: float = 0.02
+    initializer_factor: float = 0.1
+    extra: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        if self.hidden_act != "gelu":
+            raise UnsupportedConfigError(f"vision_config.hidden_act={self.hidden_act!r}: only 'gelu' (exact erf) is supported")
+        if self.norm_type not in ("rms_norm", "layer_norm"):
+            raise UnsupportedConfigError(f"vision_config.norm_type={self.norm_type!r}: expected 'rms_norm' or 'layer_norm'")
+        if self.hidden_size % self.num_attention_heads:
+            raise UnsupportedConfigError(
+                f"vision_config.hidden_size={self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}"
+            )
+        if self.image_size % self.patch_size:
+            raise UnsupportedConfigError(
+                f"vision_config.image_size={self.image_size} is not a multiple of patch_size={self.patch_size}"
+            )
+        if self.num_channels <= 0 or self.num_hidden_layers <= 0:
+            raise UnsupportedConfigError("vision_config: num_channels and num_hidden_layers must be positive")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "InternVisionConfig":
+        d = dict(d)
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        kwargs = {k: d.pop(k) for k in list(d) if k in names}
+        if isinstance(kwargs.get("image_size"), (list, tuple)):
+            kwargs["image_size"] = int(kwargs["image_size"][0])
+        return cls(**kwargs, extra=d)
+
+    def to_dict(self) -> dict:
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k != "extra"}
+        out = {**copy.deepcopy(self.extra), **out}
+        out.setdefault("architectures", ["InternVisionModel"])
+        out.setdefault("model_type", "intern_vit_6b")
+        return out
+
+    @classmethod
+    def from_json_file(cls, path: str) -> "InternVisionConfig":
+        return cls.from_dict(_read_json(path))
+
+
+@dataclass
+class InternVLChatConfig:
+    vision_config: InternVisionConfig = field(default_factory=InternVisionConfig)
+    llm_config: dict = field(default_factory=dict)
+    select_layer: int = -1
+    force_image_size: int | None = None
+    downsample_ratio: float = 0.5
+    template: str | None = None
+    dynamic_image_size: bool = False
+    use_thumbnail: bool = False
+    ps_version: str = "v1"
+    min_dynamic_patch: int = 1
+    max_dynamic_patch: int = 6
+    extra: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if isinstance(self.vision_config, dict):
+            self.vision_config = InternVisionConfig.from_dict(self.vision_config)
+        self.validate()
+
+    def validate(self):
+        if self.ps_version not in ("v1", "v2"):
+            raise UnsupportedConfigError(f"ps_version={self.ps_version!r}: expected 'v1' or 'v2'")
+        r = 1 / self.downsample_ratio
+        if abs(r - round(r)) > 1e-6:
+            raise UnsupportedConfigError(f"downsample_ratio={self.downsample_ratio}: 1/ratio must be an integer")
+        n = self.vision_config.num_hidden_layers
+        if not (-n - 1 <= self.select_layer <= n):
+            raise UnsupportedConfigError(f"select_layer={self.select_layer} out of range for {n} layers")
+        arch = self.llm_architecture
+        if arch not in ("LlamaForCausalLM", "InternLM2ForCausalLM"):
+            raise UnsupportedConfigError(
+                f"llm_config.architectures={self.llm_config.get('architectures')!r}: supported LLMs are "
+                "LlamaForCausalLM (V1.1, V1.2) and InternLM2ForCausalLM (V1.5)"
+            )
+        grid = self.image_size // self.vision_config.patch_size
+        if grid % round(r):
+            raise UnsupportedConfigError(f"patch grid {grid}x{grid} is not divisible by 1/downsample_ratio={round(r)}")
+
+    @property
+    def llm_architecture(self) -> str:
+        archs = self.llm_config.get("architectures") or ["LlamaForCausalLM"]
+        return archs[0]
+
+    @property
+    def image_size(self) -> int:
+        return int(self.force_image_size or self.vision_config.image_size)
+
+    @property
+    def num_image_token(self) -> int:
+        return int((self.image_size // self.vision_config.patch_size) ** 2 * self.downsample_ratio**2)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "InternVLChatConfig":
+        d = copy.deepcopy(d)
+        if "vision_config" not in d or "llm_config" not in d:
+            raise UnsupportedConfigError("config.json lacks 'vision_config' / 'llm_config': not an InternVL-Chat checkpoint")
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        kwargs = {k: d.pop(k) for k in list(d) if k in names}
+        return cls(**kwargs, extra=d)
+
+    def to_dict(self) -> dict:
+        out = {k: getattr(self, k) for k in (f.name for f in dataclasses.fields(self)) if k not in ("extra",)}
+        out["vision_config"] = self.vision_config.to_dict()
+        out["llm_config"] = copy.deepcopy(self.llm_config)
+        out = {**copy.deepcopy(self.extra), **out}
+        out.setdefault("architectures", ["InternVLChatModel"])
+        out.setdefault("model_type", "internvl_chat")
+        return out
+
+    @classmethod
+    def from_json_file(cls, path: str) -> "InternVLChatConfig":
+        return cls.from_dict(_read_json(path))
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e

@@ -1,0 +1,160 @@
+"""Reading and writing checkpoint folders laid out like the official HF hub folders.
+
+* ``model.safetensors`` or sharded ``model-0000k-of-0000n.safetensors`` + ``model.safetensors.index.json``
+* legacy ``pytorch_model.bin`` / sharded ``pytorch_model-*.bin`` + ``pytorch_model.bin.index.json``
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import OrderedDict
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+SAFE_INDEX = "model.safetensors.index.json"
+SAFE_SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that is missing files, corrupt, or does not match the model (named in the message)."""
+
+
+def checkpoint_files(folder: str) -> list[str]:
+    """The weight files of ``folder`` in index order."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"checkpoint folder not found: {folder}")
+    for index_name in (SAFE_INDEX, BIN_INDEX):
+        index_path = os.path.join(folder, index_name)
+        if os.path.isfile(index_path):
+            try:
+                with open(index_path, encoding="utf-8") as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index_path} is not a valid index file ({e})") from e
+            files = list(OrderedDict.fromkeys(weight_map.values()))
+            missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
+            if missing:
+                raise CheckpointError(f"{folder}: shard(s) listed in {index_name} are missing: {missing}")
+            return [os.path.join(folder, f) for f in files]
+    for single in (SAFE_SINGLE, BIN_SINGLE):
+        if os.path.isfile(os.path.join(folder, single)):
+            return [os.path.join(folder, single)]
+    raise CheckpointError(
+        f"{folder}: no weights found (expected {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX})"
+    )
+
+
+def iter_tensors(folder: str, dtype: torch.dtype | None = None):
+    """Yield ``(key, tensor)`` for every tensor of the checkpoint (floating tensors cast to ``dtype`` if given)."""
+    for path in checkpoint_files(folder):
+        if path.endswith(".safetensors"):
+            try:
+                with safe_open(path, framework="pt") as f:
+                    for key in f.keys():
+                        yield key, _cast(f.get_tensor(key), dtype)
+            except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+                if isinstance(e, CheckpointError):
+                    raise
+                raise CheckpointError(f"cannot read {path}: {e}") from e
+        else:
+            try:
+                sd = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise CheckpointError(f"cannot read {path}: {e}") from e
+            for key, t in sd.items():
+                yield key, _cast(t, dtype)
+
+
+def _cast(t: torch.Tensor, dtype):
+    if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+        return t.to(dtype)
+    return t
+
+
+def load_state_dict(folder: str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint folder as one dict (keys exactly as stored)."""
+    return dict(iter_tensors(folder, dtype))
+
+
+def save_state_dict(
+    state_dict: dict[str, torch.Tensor],
+    folder: str,
+    max_shard_size: int = 5 * 1024**3,
+    metadata: dict | None = None,
+) -> list[str]:
+    """Write ``state_dict`` as sharded safetensors + index exactly like ``save_pretrained`` does.
+
+    One shard → ``model.safetensors``; more → ``model-0000k-of-0000n.safetensors`` + ``model.safetensors.index.json``.
+    Returns the written file names.
+    """
+    os.makedirs(folder, exist_ok=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, t in state_dict.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t.detach().contiguous().cpu()
+        size += nbytes
+    meta = {"format": "pt", **(metadata or {})}
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(folder, SAFE_SINGLE), metadata=meta)
+        return [SAFE_SINGLE]
+    n = len(shards)
+    names, weight_map, total = [], {}, 0
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{n:05d}.safetensors"
+        save_file(shard, os.path.join(folder, name), metadata=meta)
+        names.append(name)
+        for key, t in shard.items():
+            weight_map[key] = name
+            total += t.numel() * t.element_size()
+    with open(os.path.join(folder, SAFE_INDEX), "w", encoding="utf-8") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    return names + [SAFE_INDEX]
+
+
+def strip_prefix(state_dict: dict, prefix: str) -> dict:
+    """Keys starting with ``prefix`` with the prefix removed."""
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def load_into_module(module: torch.nn.Module, state_dict: dict, what: str, ignore_unexpected=()) -> None:
+    """Strict load with errors that name the problem: missing keys, unexpected keys, shape mismatches.
+
+    Parameters are assigned (``assign=True``) so a module built on the meta device gets the checkpoint's tensors
+    without a second copy.
+    """
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected and not any(k.startswith(p) for p in ignore_unexpected)]
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {_abbrev(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {_abbrev(unexpected)}")
+    shape_bad = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
+    ]
+    if shape_bad:
+        problems.append(f"shape mismatch ({len(shape_bad)}): {_abbrev(shape_bad)}")
+    if problems:
+        raise CheckpointError(f"{what}: " + "; ".join(problems))
+    sd = {k: state_dict[k] for k in expected}
+    for k, v in sd.items():
+        ref = expected[k]
+        if v.is_floating_point() and ref.is_floating_point() and v.dtype != ref.dtype:
+            sd[k] = v.to(ref.dtype)
+    module.load_state_dict(sd, strict=True, assign=True)
+
+
+def _abbrev(items, n=6):
+    items = list(items)
+    return ", ".join(items[:n]) + (f", ... (+{len(items) - n} more)" if len(items) > n else "")
