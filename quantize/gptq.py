@@ -1,0 +1,164 @@
+"""GPTQ (Frantar et al.): second-order, column-by-column quantization with error feedback (DESIGN.md §3).
+
+* ``H = (2/N) Σ x xᵀ`` accumulated in fp32 over the calibration tokens (:class:`Hessian`, a running mean so
+  batches of any size can be added).
+* Dead input columns (``H_ii == 0``): weight column set to 0 and ``H_ii = 1``.
+* Damping ``λ = damp · mean(diag H)`` (damp 0.01), retried with 10× more damping whenever the Cholesky
+  factorization of ``H + λI`` fails (up to 1e4× mean diag), the damping actually used is reported.
+* act-order (``desc_act``): columns processed in descending ``diag(H)``; groups are contiguous in that order
+  (``g_idx`` permuted), or, with ``static_groups``, fitted on the natural groups before permuting (natural ``g_idx``).
+* Blocks of ``blocksize`` (128) columns; inside a block every column is quantized, its scaled error
+  ``(w − q) / [H⁻¹]_jj`` (upper Cholesky factor of ``H⁻¹``) updates the remaining columns of the block, and the
+  block's accumulated error updates all later columns at once.
+* Group parameters are (re)fitted from the current, already error-updated weights when a group starts; a partial
+  last group is allowed (``in % group_size != 0``), as AutoGPTQ's ``g_idx`` does.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .result import QuantResult
+from .rtn import check_bits_group, dequantize_codes, fit_params, quantize_codes
+
+__all__ = ["Hessian", "gptq_quantize", "damped_inverse_cholesky"]
+
+
+class Hessian:
+    """Running ``H = (2/N) Σ x xᵀ`` in fp32 over the last dimension of every batch added."""
+
+    def __init__(self, in_features: int, device=None):
+        self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(self.H.device, torch.float32)
+        m = x.shape[0]
+        if m == 0:
+            return
+        if x.shape[1] != self.H.shape[0]:
+            raise ValueError(f"Hessian: input has {x.shape[1]} features, expected {self.H.shape[0]}")
+        total = self.n + m
+        self.H.mul_(self.n / total)
+        x = x * math.sqrt(2.0 / total)
+        self.H.addmm_(x.t(), x)
+        self.n = total
+
+
+def damped_inverse_cholesky(H: torch.Tensor, damp: float = 0.01, max_tries: int = 7) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of ``(H + λI)⁻¹`` with ``λ = damp·mean(diag H)``; retries ×10 on failure.
+
+    Returns ``(U, damp_used)``.
+    """
+    n = H.shape[0]
+    mean_diag = float(torch.diag(H).mean())
+    if not math.isfinite(mean_diag):
+        raise ValueError("GPTQ: the Hessian contains NaN/Inf (calibration activations are not finite)")
+    eye = torch.eye(n, dtype=H.dtype, device=H.device)
+    d = damp
+    for _ in range(max_tries):
+        Hd = H + (d * mean_diag) * eye
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if int(info) == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info2 = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if int(info2) == 0 and bool(torch.isfinite(U).all()):
+                return U, d
+        d *= 10.0
+    raise RuntimeError(f"GPTQ: Cholesky failed even with damping {d / 10:g}·mean(diag H)")
+
+
+def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bool = False,
+                  act_order: bool = False, static_groups: bool = False, damp: float = 0.01, blocksize: int = 128,
+                  min_zero: int = 0) -> QuantResult:
+    """GPTQ one Linear ``weight [out, in]`` given its Hessian ``H [in, in]`` (fp32; not modified)."""
+    out_f, in_f = weight.shape
+    gs = check_bits_group(bits, group_size, in_f)
+    if H.shape != (in_f, in_f):
+        raise ValueError(f"GPTQ: Hessian shape {tuple(H.shape)} does not match in_features={in_f}")
+    dev = weight.device
+    W = weight.detach().to(torch.float32).clone()
+    H = H.detach().to(dev, torch.float32).clone()
+    if not bool(torch.isfinite(W).all()):
+        raise ValueError("GPTQ: weight contains NaN/Inf")
+
+    dead = torch.diag(H) == 0
+    n_dead = int(dead.sum())
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+
+    ngroups = -(-in_f // gs)
+    static = None
+    if static_groups and group_size not in (-1, None, 0):
+        static = [fit_params(W[:, c:c + gs], bits, sym, "gptq", min_zero) for c in range(0, in_f, gs)]
+
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+        W = W[:, perm]
+        H = H[perm][:, perm]
+
+    U, damp_used = damped_inverse_cholesky(H, damp)
+    del H
+
+    Q = torch.zeros_like(W)  # codes, in processing order
+    scales = torch.zeros(ngroups, out_f, dtype=torch.float32, device=dev)
+    zeros = torch.zeros(ngroups, out_f, dtype=torch.float32, device=dev)
+    g_proc = torch.empty(in_f, dtype=torch.int64, device=dev)  # group of the column processed at position t
+    loss = torch.zeros(out_f, dtype=torch.float32, device=dev)
+
+    if group_size in (-1, None, 0):
+        s_cur, z_cur = fit_params(W, bits, sym, "gptq", min_zero)
+        scales[0], zeros[0] = s_cur, z_cur
+    else:
+        s_cur = z_cur = None
+
+    for i1 in range(0, in_f, blocksize):
+        i2 = min(i1 + blocksize, in_f)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if group_size in (-1, None, 0):
+                g = 0
+            elif static is not None:
+                g = (int(perm[col]) if perm is not None else col) // gs
+                s_cur, z_cur = static[g]
+                scales[g], zeros[g] = s_cur, z_cur
+            else:
+                g = col // gs
+                if col % gs == 0:
+                    # fit on the current (error-updated) columns of this group: in-block part from W1,
+                    # anything past the block from W (already updated by all previous blocks).
+                    end = min(col + gs, in_f)
+                    cur = W1[:, i:min(end, i2) - i1]
+                    if end > i2:
+                        cur = torch.cat([cur, W[:, i2:end]], dim=1)
+                    s_cur, z_cur = fit_params(cur, bits, sym, "gptq", min_zero)
+                    scales[g], zeros[g] = s_cur, z_cur
+            g_proc[col] = g
+            w = W1[:, i]
+            d = U1[i, i]
+            q = quantize_codes(w, s_cur, z_cur, bits)
+            dq = dequantize_codes(q, s_cur, z_cur)
+            Q[:, col] = q
+            loss += (w - dq) ** 2 / d ** 2 / 2
+            err = (w - dq) / d
+            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        if i2 < in_f:
+            W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+
+    if perm is not None:
+        invperm = torch.argsort(perm)
+        Q = Q[:, invperm]
+        g_idx = g_proc[invperm]
+    else:
+        g_idx = g_proc
+    res = QuantResult(Q.to(torch.int32), scales, zeros.to(torch.int32), g_idx.to(torch.int32), bits=bits,
+                      group_size=group_size if group_size not in (None, 0) else -1, sym=sym, method="gptq",
+                      dtype=weight.dtype, perm=perm, static_groups=bool(static_groups),
+                      info={"damp": damp_used, "dead_columns": n_dead, "gptq_loss": float(loss.sum())})
+    return res

@@ -1,0 +1,197 @@
+"""RTN / GPTQ / AWQ on single Linears (quantize.quantize_linear), on synthetic but non-trivial data."""
+import pytest
+import torch
+
+import quantize
+from quantize import formats
+from quantize.gptq import Hessian, gptq_quantize
+
+
+def correlated_inputs(n, d, seed=0, outliers=8):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(d, d, generator=g) / d ** 0.5 + 0.3 * torch.eye(d)
+    x = torch.randn(n, d, generator=g) @ A
+    x[:, :outliers] *= 12.0  # activation outlier channels, as real LLM/ViT inputs have
+    return x
+
+
+def out_err(x, W, Wq):
+    y = x @ W.t().float()
+    return float((y - x @ Wq.t().float()).norm() / y.norm())
+
+
+def rtn_reference(W, bits, gs, sym):
+    """Elementwise min/max RTN written out independently of quantize.rtn (AutoGPTQ's formulas)."""
+    maxq = 2 ** bits - 1
+    out = torch.empty_like(W)
+    for r in range(W.shape[0]):
+        for c0 in range(0, W.shape[1], gs):
+            w = W[r, c0:c0 + gs]
+            lo, hi = min(float(w.min()), 0.0), max(float(w.max()), 0.0)
+            if sym:
+                hi = max(abs(lo), hi)
+                lo = -hi if lo < 0 else lo
+            scale = float(torch.tensor((hi - lo) / maxq).half().float())
+            zero = (maxq + 1) // 2 if sym else round(-lo / scale)
+            q = torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+            out[r, c0:c0 + gs] = (q - zero) * scale
+    return out
+
+
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("bits,gs", [(4, 32), (3, 48), (2, 64), (8, 40)])
+def test_rtn_matches_elementwise_reference(bits, gs, sym):
+    g = torch.Generator().manual_seed(bits * 10 + gs)
+    W = torch.randn(6, 100, generator=g)  # 100 % gs != 0 → partial last group
+    res = quantize.quantize_linear(W, None, "rtn", bits=bits, group_size=gs, sym=sym)
+    ref = rtn_reference(W, bits, gs, sym)
+    assert torch.allclose(res.dequantized, ref, rtol=0, atol=1e-6)
+    assert res.intweight.min() >= 0 and res.intweight.max() <= 2 ** bits - 1
+    assert res.scales.shape == (-(-100 // gs), 6)
+    assert res.g_idx.tolist() == [i // gs for i in range(100)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
+def test_quantize_linear_contract(method, dtype):
+    g = torch.Generator().manual_seed(1)
+    W = (torch.randn(64, 96, generator=g) * 0.05).to(dtype)
+    x = correlated_inputs(512, 96, seed=2).to(dtype)
+    res = quantize.quantize_linear(W, x, method, bits=4, group_size=32)
+    assert res.dequantized.shape == W.shape and res.dequantized.dtype == dtype
+    assert res.intweight.dtype == torch.int32 and res.zeros.dtype == torch.int32 and res.g_idx.dtype == torch.int32
+    assert res.scales.shape == (3, 64) and res.zeros.shape == (3, 64) and res.g_idx.shape == (96,)
+    assert torch.isfinite(res.dequantized.float()).all()
+    # the stored tensors decode to exactly what the result says
+    for fmt in ("gptq_v2", "awq"):
+        p = res.pack(fmt)
+        assert torch.equal(formats.dequantize(p, fmt, 4, 32, torch.float32), res.dequantized_stored)
+    e = out_err(x.float(), W.float(), res.dequantized.float())
+    assert 0 < e < 0.2
+
+
+def test_gptq_with_diagonal_hessian_equals_rtn():
+    # With uncorrelated inputs H is diagonal, H^-1's Cholesky factor is diagonal and no error is propagated:
+    # GPTQ must then reproduce RTN bit for bit (non-trivial check of the update equations' structure).
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(40, 160, generator=g)
+    H = torch.diag(torch.rand(160, generator=g) + 0.5)
+    for bits, gs in [(4, 64), (3, 32), (2, -1)]:
+        r = gptq_quantize(W, H, bits=bits, group_size=gs)
+        rt = quantize.quantize_linear(W, None, "rtn", bits=bits, group_size=gs)
+        assert torch.equal(r.intweight, rt.intweight) and torch.equal(r.scales, rt.scales)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_gptq_beats_rtn_on_correlated_inputs(bits):
+    g = torch.Generator().manual_seed(bits)
+    W = torch.randn(128, 256, generator=g) * 0.02
+    x = correlated_inputs(2048, 256, seed=bits)
+    e_rtn = out_err(x, W, quantize.quantize_linear(W, x, "rtn", bits=bits, group_size=64).dequantized)
+    e_gptq = out_err(x, W, quantize.quantize_linear(W, x, "gptq", bits=bits, group_size=64).dequantized)
+    e_ao = out_err(x, W, quantize.quantize_linear(W, x, "gptq", bits=bits, group_size=64, act_order=True).dequantized)
+    assert e_gptq < 0.8 * e_rtn, (e_gptq, e_rtn)
+    assert e_ao < 0.8 * e_rtn, (e_ao, e_rtn)
+
+
+def test_act_order_g_idx_and_static_groups():
+    W = torch.randn(64, 160) * 0.1
+    x = correlated_inputs(1024, 160, seed=5)
+    r = quantize.quantize_linear(W, x, "gptq", bits=4, group_size=64, act_order=True)
+    assert r.perm is not None
+    # groups are contiguous in quantization order (descending diag H), with a partial last group of 32
+    assert r.g_idx[r.perm].tolist() == [t // 64 for t in range(160)]
+    h = torch.diag(x.t() @ x)
+    assert torch.equal(r.perm, torch.argsort(h, descending=True, stable=True))
+    assert r.act_order_g_idx and "partial last group" in r.check_format("awq")
+    r128 = quantize.quantize_linear(W[:, :128], x[:, :128], "gptq", bits=4, group_size=64, act_order=True)
+    assert "no g_idx" in r128.check_format("awq")
+    p = r.pack("gptq_v2")
+    assert torch.equal(formats.dequantize(p, "gptq_v2", 4, 64, torch.float32), r.dequantized_stored)
+    s = quantize.quantize_linear(W, x, "gptq", bits=4, group_size=64, act_order=True, static_groups=True)
+    assert s.g_idx.tolist() == [i // 64 for i in range(160)] and not s.act_order_g_idx
+
+
+def test_gptq_dead_columns():
+    W = torch.randn(32, 64)
+    x = correlated_inputs(256, 64, seed=6)
+    x[:, [3, 17, 40]] = 0.0
+    r = quantize.quantize_linear(W, x, "gptq", bits=4, group_size=32)
+    assert r.info["dead_columns"] == 3
+    assert torch.all(r.dequantized[:, [3, 17, 40]] == 0)
+
+
+def test_gptq_cholesky_retry_increases_damping():
+    n = 64
+    v = torch.randn(n)
+    v = v / v.norm()
+    H = torch.eye(n) - 1.05 * torch.outer(v, v)  # one eigenvalue −0.05: damping 0.01 fails, 0.1 works
+    r = gptq_quantize(torch.randn(16, n), H, bits=4, group_size=32)
+    assert r.info["damp"] == pytest.approx(0.1)
+    r2 = gptq_quantize(torch.randn(16, n), torch.eye(n), bits=4, group_size=32)
+    assert r2.info["damp"] == pytest.approx(0.01)
+
+
+def test_hessian_running_mean():
+    x = torch.randn(300, 16)
+    h = Hessian(16)
+    for chunk in torch.split(x, 70):
+        h.add(chunk)
+    assert torch.allclose(h.H, 2 * x.t() @ x / 300, atol=1e-5)
+
+
+def test_min_zero_for_gptq_v1():
+    W = torch.rand(32, 64) + 0.01  # all-positive groups: the plain asymmetric fit gives zero 0
+    r0 = quantize.quantize_linear(W, None, "rtn", bits=4, group_size=32)
+    assert int(r0.zeros.min()) == 0 and "zero point of 0" in r0.check_format("gptq")
+    r1 = quantize.quantize_linear(W, None, "rtn", bits=4, group_size=32, min_zero=1)
+    assert int(r1.zeros.min()) >= 1 and r1.check_format("gptq") is None
+    p = r1.pack("gptq")
+    assert torch.equal(formats.dequantize(p, "gptq", 4, 32, torch.float32), r1.dequantized_stored)
+    # the widened grid still covers the group's max: error stays below one step
+    step = r1.scales[r1.g_idx.long()].t()
+    assert torch.all((W - r1.dequantized).abs() <= step * 0.5 + 1e-6)
+
+
+def test_awq_scale_and_outliers():
+    g = torch.Generator().manual_seed(7)
+    W = torch.randn(96, 128, generator=g) * 0.05
+    x = torch.randn(2048, 128, generator=g)
+    x[:, :4] *= 30.0  # salient input channels
+    r = quantize.quantize_linear(W, x, "awq", bits=4, group_size=64)
+    assert r.input_scale is not None and r.input_scale.shape == (128,)
+    assert torch.allclose(r.dequantized.float(), r.dequantized_stored / r.input_scale[None, :])
+    e_awq = out_err(x, W, r.dequantized)
+    e_rtn = out_err(x, W, quantize.quantize_linear(W, x, "rtn", bits=4, group_size=64).dequantized)
+    assert e_awq < 0.9 * e_rtn, (e_awq, e_rtn)
+    assert float(r.input_scale[:4].mean()) > float(r.input_scale[4:].mean())  # salient channels scaled up
+
+
+def test_determinism():
+    W = torch.randn(64, 96)
+    x = correlated_inputs(512, 96, seed=8)
+    for method in ("gptq", "awq"):
+        a = quantize.quantize_linear(W, x, method, bits=3, group_size=32, seed=1)
+        b = quantize.quantize_linear(W, x, method, bits=3, group_size=32, seed=1)
+        assert torch.equal(a.intweight, b.intweight) and torch.equal(a.scales, b.scales)
+
+
+def test_errors():
+    W = torch.randn(16, 32)
+    with pytest.raises(ValueError, match="method must be one of"):
+        quantize.quantize_linear(W, None, "squeezellm")
+    with pytest.raises(ValueError, match="bits must be one of"):
+        quantize.quantize_linear(W, None, "rtn", bits=5)
+    with pytest.raises(ValueError, match="needs calibration inputs"):
+        quantize.quantize_linear(W, None, "gptq")
+    with pytest.raises(ValueError, match="act_order is a GPTQ option"):
+        quantize.quantize_linear(W, torch.randn(8, 32), "awq", act_order=True)
+    with pytest.raises(ValueError, match="in_features=32"):
+        quantize.quantize_linear(W, torch.randn(8, 31), "gptq")
+    with pytest.raises(ValueError, match="NaN"):
+        quantize.quantize_linear(W, torch.full((8, 32), float("nan")), "gptq")
+    with pytest.raises(ValueError, match="group_size"):
+        quantize.quantize_linear(W, None, "rtn", group_size=0.5)
+    r = quantize.quantize_linear(W, None, "rtn", bits=4, group_size=24)
+    with pytest.raises(ValueError, match="partial last group"):
+        r.pack("awq")
