@@ -1,0 +1,50 @@
+"""Kernel-backed ops for InternVL, one function per op (see each module's docstring).
+
+Every function is a ``torch.library`` custom op in the ``internvl_kernels`` namespace (``torch.ops.internvl_kernels.<op>``)
+with a fake implementation, so it traces under ``torch.compile(fullgraph=True)``. Which implementation runs is picked
+per call by :mod:`internvl_kernels._backend` (``set_backend("auto"|"eager"|"triton"|"cuda")``, a context manager, or
+``INTERNVL_KERNELS_BACKEND``): the eager reference (:mod:`internvl_kernels.model.functional`), the Triton kernels
+(CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``), or the CUDA extension where it registered the op.
+"""
+from __future__ import annotations
+
+import os as _os
+
+from ._common import launches, poison_outputs
+from .add_norm import add_layer_norm, add_rms_norm
+from .attention import attention
+from .layer_norm import layer_norm
+from .linear import linear, linear_choices
+from .mlp_projector import mlp_projector, projector_gemms
+from .pixel_shuffle import pixel_shuffle, pixel_shuffle_layer_norm
+from .qk_norm_attention import qk_norm_attention
+from .rms_norm import rms_norm
+
+# op name (registry key of internvl_kernels._backend) for every custom op defined here
+OPS = (
+    "rms_norm", "layer_norm", "add_rms_norm", "add_layer_norm", "attention", "qk_norm_attention", "pixel_shuffle",
+    "pixel_shuffle_layer_norm", "linear", "mlp_projector",
+)
+
+__all__ = [
+    "rms_norm", "layer_norm", "add_rms_norm", "add_layer_norm", "attention", "qk_norm_attention", "pixel_shuffle",
+    "pixel_shuffle_layer_norm", "linear", "mlp_projector", "projector_gemms", "linear_choices", "poison_outputs",
+    "launches", "OPS",
+]
+
+# Export slot for the quantized GEMM (another module's file): imported only where it exists.
+if _os.path.exists(_os.path.join(_os.path.dirname(__file__), "quant_matmul.py")):
+    try:
+        from .quant_matmul import *  # noqa: F401,F403
+        from . import quant_matmul as _qm
+
+        __all__ += list(getattr(_qm, "__all__", []))
+    except ImportError:  # pragma: no cover - its optional dependencies are missing
+        pass
+
+# CUDA implementations register themselves (register_impl(op, "cuda", fn)) when the extension module exists.
+if _os.path.exists(_os.path.join(_os.path.dirname(__file__), "_cuda.py")):
+    try:
+        from . import _cuda  # noqa: F401
+    except ImportError:  # pragma: no cover - extension not built
+        pass
