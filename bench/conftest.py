@@ -81,7 +81,7 @@ def ceilings(bench_device):
     if dev.type == "cuda":
         nbytes, n, mm_dtype = 1 << 30, 8192, torch.bfloat16
     else:
-        nbytes, n, mm_dtype = 1 << 26, 1024, torch.float32
+        nbytes, n, mm_dtype = 1 << 26, 2048, torch.float32
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=dev).uniform_()
     dst = torch.empty_like(src)
     t_copy = _median_time(lambda: dst.copy_(src), dev, iters=3 if QUICK else 10)
@@ -148,3 +148,35 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """A roofline table after pytest-benchmark's own: achieved GB/s / TFLOP/s and the fraction of the ceiling."""
+    bs = getattr(config, "_benchmarksession", None)
+    rows = [b for b in (getattr(bs, "benchmarks", None) or []) if getattr(b, "extra_info", None)]
+    if not rows:
+        return
+    first = rows[0].extra_info
+    tr = terminalreporter
+    tr.write_sep("-", "roofline (ceilings measured in this run)")
+    tr.write_line(
+        f"device: {first.get('device')} | torch {first.get('torch')} | triton {first.get('triton')} | "
+        f"cuda {first.get('cuda')} | copy {first.get('ceiling_copy_gbps')} GB/s | "
+        f"matmul {first.get('ceiling_matmul_tflops')} TFLOP/s"
+    )
+    head = f"{'benchmark':<58} {'impl':<10} {'dtype':<9} {'median ms':>10} {'GB/s':>9} {'%copy':>6} {'TFLOP/s':>9} {'%mm':>6}"
+    tr.write_line(head)
+    for b in rows:
+        e = b.extra_info
+        med = b.stats.median * 1e3 if hasattr(b.stats, "median") else float("nan")
+
+        def fmt(v, pct=False):
+            if v is None:
+                return "-"
+            return f"{100 * v:.1f}" if pct else f"{v:.2f}" if v >= 0.01 else f"{v:.4f}"
+
+        tr.write_line(
+            f"{b.name[:58]:<58} {str(e.get('impl'))[:10]:<10} {str(e.get('dtype'))[:9]:<9} {med:>10.3f} "
+            f"{fmt(e.get('gbps')):>9} {fmt(e.get('frac_copy_bw'), True):>6} {fmt(e.get('tflops')):>9} "
+            f"{fmt(e.get('frac_matmul_peak'), True):>6}"
+        )
