@@ -214,7 +214,8 @@ class InternVLChatModel(nn.Module):
             raw = json.load(f)
         config = InternVLChatConfig.from_dict(raw)
         dtype = dtype or _config_dtype(raw) or torch.float32
-        sd = load_state_dict(path)
+        # Tensors go straight to ``device`` shard by shard (host memory never holds the whole model).
+        sd = load_state_dict(path, device=device)
         qcfg = raw.get("quantization_config")
 
         with torch.device("meta"):

@@ -48,14 +48,17 @@ def checkpoint_files(folder: str) -> list[str]:
     )
 
 
-def iter_tensors(folder: str, dtype: torch.dtype | None = None):
-    """Yield ``(key, tensor)`` for every tensor of the checkpoint (floating tensors cast to ``dtype`` if given)."""
+def iter_tensors(folder: str, dtype: torch.dtype | None = None, device=None):
+    """Yield ``(key, tensor)`` for every tensor of the checkpoint (floating tensors cast to ``dtype`` if given).
+
+    With ``device``, each tensor is moved there as it is read, so a large model never sits whole in host memory.
+    """
     for path in checkpoint_files(folder):
         if path.endswith(".safetensors"):
             try:
                 with safe_open(path, framework="pt") as f:
                     for key in f.keys():
-                        yield key, _cast(f.get_tensor(key), dtype)
+                        yield key, _cast(f.get_tensor(key), dtype, device)
             except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
                 if isinstance(e, CheckpointError):
                     raise
@@ -66,18 +69,20 @@ def iter_tensors(folder: str, dtype: torch.dtype | None = None):
             except Exception as e:
                 raise CheckpointError(f"cannot read {path}: {e}") from e
             for key, t in sd.items():
-                yield key, _cast(t, dtype)
+                yield key, _cast(t, dtype, device)
 
 
-def _cast(t: torch.Tensor, dtype):
+def _cast(t: torch.Tensor, dtype, device=None):
+    if device is not None:
+        t = t.to(device)
     if dtype is not None and t.is_floating_point() and t.dtype != dtype:
         return t.to(dtype)
     return t
 
 
-def load_state_dict(folder: str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint folder as one dict (keys exactly as stored)."""
-    return dict(iter_tensors(folder, dtype))
+def load_state_dict(folder: str, dtype: torch.dtype | None = None, device=None) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint folder as one dict (keys exactly as stored), optionally placed on ``device``."""
+    return dict(iter_tensors(folder, dtype, device))
 
 
 def save_state_dict(

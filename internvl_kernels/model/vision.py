@@ -201,7 +201,7 @@ class InternVisionModel(nn.Module):
     def from_pretrained(cls, path: str, dtype: torch.dtype | None = None, device=None) -> "InternVisionModel":
         """Load a standalone InternViT folder (``config.json`` + safetensors; keys without ``vision_model.``)."""
         config = InternVisionConfig.from_json_file(os.path.join(path, "config.json"))
-        sd = load_state_dict(path, dtype=dtype)
+        sd = load_state_dict(path, dtype=dtype, device=device)
         if any(k.startswith("vision_model.") for k in sd):  # an InternVL-Chat folder's vision tower
             sd = strip_prefix(sd, "vision_model.")
         with torch.device("meta"):
