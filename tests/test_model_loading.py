@@ -96,6 +96,9 @@ def test_standalone_internvit(tmp_path, kind):
     assert len(out.hidden_states) == 4 and torch.equal(out.hidden_states[-1], out.last_hidden_state)
     assert torch.equal(m.forward_features(pv, layer=2), out.hidden_states[2])
     assert torch.equal(out.pooler_output, out.last_hidden_state[:, 0])
+    m16 = InternVisionModel.from_pretrained(path, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in m16.parameters())
+    assert (m16(pv.bfloat16()).last_hidden_state.float() - out.last_hidden_state).abs().max() < 0.25
 
 
 def test_select_layer_minus_4_is_block_output(checkpoints):

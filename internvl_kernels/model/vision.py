@@ -204,8 +204,11 @@ class InternVisionModel(nn.Module):
         sd = load_state_dict(path, dtype=dtype, device=device)
         if any(k.startswith("vision_model.") for k in sd):  # an InternVL-Chat folder's vision tower
             sd = strip_prefix(sd, "vision_model.")
+        if dtype is None:  # keep the checkpoint's dtype
+            dtype = next((t.dtype for t in sd.values() if t.is_floating_point()), torch.float32)
         with torch.device("meta"):
             model = cls(config)
+        model.to(dtype)
         load_into_module(model, sd, f"InternViT checkpoint {path}")
         model.eval()
         if device is not None:
