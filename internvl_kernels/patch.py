@@ -1,0 +1,238 @@
+"""Swap the reference model's hot paths for the kernel-backed ops of :mod:`internvl_kernels.ops`.
+
+``patch_model(model)`` works on an :class:`~internvl_kernels.model.InternVLChatModel`, a standalone
+:class:`~internvl_kernels.model.InternVisionModel`, a bare transformers Llama LLM, or any module containing them
+(loaded by ``from_pretrained`` or built in memory). It is **non-destructive**: every patched module keeps its
+identity, parameters, buffers and ``state_dict`` keys; only its class is switched to a subclass whose ``forward``
+calls the fused ops (``module.__class__ = Kernel<Original>``). :func:`unpatch_model` switches the classes back, so
+the model is exactly the original again. Patching twice is a no-op. No weight is copied.
+
+What changes:
+
+* **ViT blocks** (``vision=True``): the encoder runs as a chain in which every residual update is fused with the
+  next norm — ``x, h = add_rms_norm(attn_out, x, norm2.weight, eps, scale=ls1)`` then
+  ``x, h = add_rms_norm(mlp_out, x, next_layer.norm1.weight, eps, scale=ls2)`` (``add_layer_norm`` for the
+  LayerNorm / 300M shape) — attention is ``qk_norm_attention`` straight from the packed qkv output (6B shape) or
+  ``attention`` on strided q/k/v views (300M shape), and ``fc1`` + GELU is one ``linear(..., "gelu")`` (cuBLAS or
+  Triton, whichever is faster). ``qkv``/``proj``/``fc2`` stay the modules they are (so quantized Linears keep working).
+* **Projector** (``projector=True``): ``pixel_shuffle_and_project`` becomes ``pixel_shuffle_layer_norm`` (the
+  shuffled copy never exists) followed by the two GEMMs with bias + GELU epilogues.
+* **LLM norms** (``llm_norms=True``): every ``LlamaRMSNorm`` → :func:`internvl_kernels.ops.rms_norm`.
+
+The ops dispatch by the backend switch (:func:`internvl_kernels.set_backend`): on CPU tensors with the default
+``auto`` backend they run the eager references, so a patched model is always safe to run.
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+import torch.nn as nn
+
+from . import ops
+from .model.chat import InternVLChatModel
+from .model.vision import InternRMSNorm, InternVisionEncoderLayer, InternVisionModel, VisionOutput
+from .ops.attention import SUPPORTED_HEAD_DIMS
+
+try:  # the LLM's norm class
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+except Exception:  # pragma: no cover - transformers without Llama
+    LlamaRMSNorm = None
+
+__all__ = ["patch_model", "unpatch_model", "is_patched", "patched_modules"]
+
+
+# ----------------------------------------------------------------------------------------------- the fused pieces
+def _norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if isinstance(norm, nn.LayerNorm):
+        y = ops.layer_norm(x, norm.weight, norm.bias, norm.eps)
+    elif isinstance(norm, InternRMSNorm):
+        y = ops.rms_norm(x, norm.weight, norm.eps)
+    else:
+        y = norm(x)
+    return y.to(x.dtype)
+
+
+def _add_norm(out: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, norm: nn.Module | None):
+    """``x + out * scale`` (the block's rounding) and the next norm of it; ``norm=None`` → no norm."""
+    if norm is None:
+        return x + out * scale, None
+    if isinstance(norm, nn.LayerNorm):
+        x, h = ops.add_layer_norm(out, x, norm.weight, norm.bias, norm.eps, scale)
+    elif isinstance(norm, InternRMSNorm):
+        x, h = ops.add_rms_norm(out, x, norm.weight, norm.eps, scale)
+    else:
+        x = x + out * scale
+        h = norm(x)
+    return x, h.to(x.dtype)
+
+
+def _attention(attn: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    if attn.head_dim not in SUPPORTED_HEAD_DIMS:
+        return attn(h)  # the eager module (the Triton kernel covers head_dim 64 / 128)
+    B, N, C = h.shape
+    qkv = attn.qkv(h)
+    if attn.qk_normalization:
+        out = ops.qk_norm_attention(qkv, attn.q_norm.weight, attn.k_norm.weight, attn.num_heads, attn.q_norm.eps,
+                                    attn.scale)
+    else:
+        q, k, v = qkv.reshape(B, N, 3, attn.num_heads, attn.head_dim).unbind(2)
+        out = ops.attention(q, k, v, attn.scale).reshape(B, N, C)
+    return attn.proj(out)
+
+
+def _plain_linear(m) -> bool:
+    return type(m) is nn.Linear
+
+
+def _exact_gelu(m) -> bool:
+    return type(m) is nn.GELU and m.approximate == "none"
+
+
+def _mlp(mlp: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    if _plain_linear(mlp.fc1) and _exact_gelu(mlp.act):
+        return mlp.fc2(ops.linear(h, mlp.fc1.weight, mlp.fc1.bias, "gelu"))
+    return mlp(h)
+
+
+# ------------------------------------------------------------------------------------------- patched subclasses
+class _KernelEncoderLayer:
+    """Mixin for ``InternVisionEncoderLayer``: one block as fused steps."""
+
+    def _ik_step(self, x, h, next_norm):
+        """Block on residual ``x`` whose ``norm1(x)`` is ``h``; returns ``(x_out, next_norm(x_out) or None)``."""
+        a = _attention(self.attn, h)
+        x, h2 = _add_norm(a, x, self.ls1, self.norm2)
+        m = _mlp(self.mlp, h2)
+        return _add_norm(m, x, self.ls2, next_norm)
+
+    def forward(self, hidden_states):
+        return self._ik_step(hidden_states, _norm(self.norm1, hidden_states), None)[0]
+
+
+def _run_blocks(layers, h, states=None):
+    layers = list(layers)
+    if not layers:
+        return h
+    normed = _norm(layers[0].norm1, h)
+    for i, layer in enumerate(layers):
+        nxt = layers[i + 1].norm1 if i + 1 < len(layers) else None
+        if isinstance(layer, _KernelEncoderLayer):
+            h, normed = layer._ik_step(h, normed, nxt)
+        else:  # a block someone left unpatched
+            h = layer(h)
+            normed = _norm(nxt, h) if nxt is not None else None
+        if states is not None:
+            states.append(h)
+    return h
+
+
+class _KernelVisionModel:
+    """Mixin for ``InternVisionModel``: the encoder as one fused chain (residual add + next norm per step)."""
+
+    def forward(self, pixel_values, output_hidden_states: bool = False, return_dict: bool = True):
+        h = self.embeddings(pixel_values)
+        states = [h] if output_hidden_states else None
+        h = _run_blocks(self.encoder.layers, h, states)
+        return VisionOutput(last_hidden_state=h, pooler_output=h[:, 0, :],
+                            hidden_states=tuple(states) if states else None)
+
+    def forward_features(self, pixel_values, layer: int = -1):
+        n = len(self.encoder.layers)
+        idx = layer if layer >= 0 else n + 1 + layer
+        if not 0 <= idx <= n:
+            raise IndexError(f"layer {layer} out of range for {n} blocks")
+        return _run_blocks(self.encoder.layers[:idx], self.embeddings(pixel_values))
+
+
+class _KernelChatModel:
+    """Mixin for ``InternVLChatModel``: pixel-shuffle fused with the projector's LayerNorm, GEMM epilogues."""
+
+    def pixel_shuffle_and_project(self, vit_tokens):
+        seq = self.mlp1
+        if not (isinstance(seq, nn.Sequential) and len(seq) == 4 and isinstance(seq[0], nn.LayerNorm)):
+            return super().pixel_shuffle_and_project(vit_tokens)
+        ln, fc1, act, fc2 = seq
+        h = ops.pixel_shuffle_layer_norm(vit_tokens, ln.weight, ln.bias, self.downsample_ratio, self.ps_version,
+                                         ln.eps)
+        if _plain_linear(fc1) and _exact_gelu(act) and _plain_linear(fc2):
+            return ops.projector_gemms(h, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+        return fc2(act(fc1(h)))
+
+
+class _KernelInternRMSNorm:
+    def forward(self, x):
+        return ops.rms_norm(x, self.weight, self.eps)
+
+
+class _KernelLlamaRMSNorm:
+    def forward(self, hidden_states):
+        return ops.rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+# ---------------------------------------------------------------------------------------------- class swapping
+_CLASSES: dict = {}
+_LOCK = threading.Lock()
+
+
+def _kernel_class(mixin: type, base: type) -> type:
+    """``Kernel<Base>`` = (mixin, base), created once and registered here so patched models still pickle."""
+    with _LOCK:
+        cls = _CLASSES.get((mixin, base))
+        if cls is None:
+            name = f"Kernel{base.__name__}"
+            while name in globals():
+                name += "_"
+            cls = type(name, (mixin, base), {"_ik_base": base, "__module__": __name__, "__qualname__": name})
+            globals()[name] = cls
+            _CLASSES[(mixin, base)] = cls
+        return cls
+
+
+def is_patched(module: nn.Module) -> bool:
+    return "_ik_base" in type(module).__dict__
+
+
+def _swap(module: nn.Module, mixin: type) -> bool:
+    if is_patched(module):
+        return False
+    module.__class__ = _kernel_class(mixin, type(module))
+    return True
+
+
+def _rules(vision: bool, projector: bool, llm_norms: bool):
+    rules = []
+    if vision:
+        rules += [(InternVisionModel, _KernelVisionModel), (InternVisionEncoderLayer, _KernelEncoderLayer),
+                  (InternRMSNorm, _KernelInternRMSNorm)]
+    if projector:
+        rules.append((InternVLChatModel, _KernelChatModel))
+    if llm_norms and LlamaRMSNorm is not None:
+        rules.append((LlamaRMSNorm, _KernelLlamaRMSNorm))
+    return rules
+
+
+def patch_model(model: nn.Module, *, vision: bool = True, projector: bool = True, llm_norms: bool = True):
+    """Switch ``model``'s modules to the kernel-backed forwards (in place; returns ``model``). See module docs."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"patch_model expects a torch.nn.Module, got {type(model).__name__}")
+    rules = _rules(vision, projector, llm_norms)
+    for _, mod in model.named_modules():
+        for base, mixin in rules:
+            if isinstance(mod, base):
+                _swap(mod, mixin)
+                break
+    return model
+
+
+def unpatch_model(model: nn.Module):
+    """Undo :func:`patch_model`: every patched module gets its original class back (in place; returns ``model``)."""
+    for _, mod in model.named_modules():
+        while is_patched(mod):
+            mod.__class__ = type(mod).__dict__["_ik_base"]
+    return model
+
+
+def patched_modules(model: nn.Module) -> list[str]:
+    """Names of the modules currently patched (``""`` is the root)."""
+    return [name for name, mod in model.named_modules() if is_patched(mod)]
