@@ -122,6 +122,8 @@ def norm_rows(
             HAS_B=bias is not None,
             PROD_DT=tl_dtype(prod_dtype or x2.dtype), RES_DT=tl_dtype(res_dtype or x2.dtype), XN_DT=tl_dtype(xn_dtype),
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+            # no mul+add → FMA contraction: the residual update must round like the eager two-kernel code
+            enable_fp_fusion=False,
         )
         count_launch(op)
     return (res_out, y) if has_res else y

@@ -1,0 +1,94 @@
+"""add_rms_norm / add_layer_norm: the block's ``residual + x * scale`` fused with the next norm."""
+from __future__ import annotations
+
+import pytest
+import torch
+from _kernel_utils import DTYPE_IDS, DTYPES, NORM_TOL, assert_close, assert_no_nan, run_eager, run_kernel
+
+from internvl_kernels import ops
+from internvl_kernels.model import functional as F
+
+SHAPES = [(1, 1, 3200), (2, 17, 200), (1, 97, 576), (2, 5, 1000), (1, 2, 12800), (1, 1025, 64)]
+
+
+def _inputs(shape, dtype, device, with_scale=True):
+    x = torch.randn(shape, dtype=dtype, device=device)
+    res = torch.randn(shape, dtype=dtype, device=device) * 4
+    w = 1 + 0.3 * torch.randn(shape[-1], dtype=dtype, device=device)
+    b = torch.randn(shape[-1], dtype=dtype, device=device)
+    s = 0.1 * (1 + 0.3 * torch.randn(shape[-1], dtype=dtype, device=device)) if with_scale else None
+    return x, res, w, b, s
+
+
+@pytest.mark.parametrize("with_scale", [True, False], ids=["ls", "no_ls"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_add_rms_norm_matches_reference(shape, dtype, with_scale, device):
+    x, res, w, _, s = _inputs(shape, dtype, device, with_scale)
+    new_res, normed = run_kernel(ops.add_rms_norm, x, res, w, 1e-6, s)
+    ref_res, ref_normed = F.add_rms_norm(x, res, w, 1e-6, s)
+    assert_no_nan(new_res, "new_residual")
+    # the residual update has the reference's exact roundings (product, then sum): bit-identical
+    assert torch.equal(new_res, ref_res)
+    assert_close(normed, ref_normed, **NORM_TOL[dtype], what="normed")
+
+
+@pytest.mark.parametrize("with_scale", [True, False], ids=["ls", "no_ls"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", SHAPES[:4], ids=str)
+def test_add_layer_norm_matches_reference(shape, dtype, with_scale, device):
+    x, res, w, b, s = _inputs(shape, dtype, device, with_scale)
+    new_res, normed = run_kernel(ops.add_layer_norm, x, res, w, b, 1e-6, s)
+    ref_res, ref_normed = F.add_layer_norm(x, res, w, b, 1e-6, s)
+    assert_no_nan(new_res, "new_residual")
+    assert torch.equal(new_res, ref_res)
+    assert_close(normed, ref_normed, **NORM_TOL[dtype], what="normed")
+
+
+def test_add_rms_norm_product_rounding_matters(device):
+    # bf16: rounding x*scale before the add (as the eager block does) vs adding the fp32 product changes the residual
+    x, res, w, _, s = _inputs((4, 33, 256), torch.bfloat16, device)
+    new_res, _ = run_kernel(ops.add_rms_norm, x, res, w, 1e-6, s)
+    fused_fma = (res.float() + x.float() * s.float()).bfloat16()
+    assert torch.equal(new_res, F.add_rms_norm(x, res, w, 1e-6, s)[0])
+    assert not torch.equal(new_res, fused_fma)
+
+
+def test_add_rms_norm_mixed_precision_promotes(device):
+    # fp32 layer scale on bf16 activations: the reference's x*scale is fp32, so the new residual is fp32
+    x, res, w, _, _ = _inputs((2, 7, 96), torch.bfloat16, device)
+    s = torch.randn(96, device=device)
+    new_res, normed = run_kernel(ops.add_rms_norm, x, res, w, 1e-6, s)
+    ref_res, ref_normed = F.add_rms_norm(x, res, w, 1e-6, s)
+    assert new_res.dtype == ref_res.dtype == torch.float32 and normed.dtype == ref_normed.dtype
+    assert torch.equal(new_res, ref_res)
+    assert_close(normed, ref_normed, **NORM_TOL[torch.float32])
+
+
+def test_add_norm_eager_backend_is_the_reference(device):
+    x, res, w, b, s = _inputs((2, 17, 200), torch.bfloat16, device)
+    for got, ref in zip(run_eager(ops.add_layer_norm, x, res, w, b, 1e-6, s), F.add_layer_norm(x, res, w, b, 1e-6, s)):
+        assert torch.equal(got, ref)
+
+
+def test_add_norm_bad_inputs(device):
+    x, res, w, b, s = _inputs((2, 5, 16), torch.float32, device)
+    with pytest.raises(ValueError, match="residual has shape"):
+        ops.add_rms_norm(x, res[:, :4], w)
+    with pytest.raises(TypeError, match="residual has dtype"):
+        ops.add_rms_norm(x, res.half(), w)
+    with pytest.raises(ValueError, match="scale must have shape"):
+        ops.add_layer_norm(x, res, w, b, 1e-6, s[:3])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("op", ["rms", "ln"])
+def test_add_norm_full_shapes(op, dtype, device):
+    x, res, w, b, s = _inputs((13, 1025, 3200), dtype, device)
+    if op == "rms":
+        got, ref = run_kernel(ops.add_rms_norm, x, res, w, 1e-6, s), F.add_rms_norm(x, res, w, 1e-6, s)
+    else:
+        got, ref = run_kernel(ops.add_layer_norm, x, res, w, b, 1e-6, s), F.add_layer_norm(x, res, w, b, 1e-6, s)
+    assert torch.equal(got[0], ref[0])
+    assert_close(got[1], ref[1], **NORM_TOL[dtype])
