@@ -8,6 +8,9 @@ from _kernel_utils import DTYPE_IDS, DTYPES, assert_flash_rule, run_eager, run_k
 from internvl_kernels import ops
 from internvl_kernels.model import functional as F
 
+# the Triton interpreter's own NumPy deprecation noise
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+
 
 def _qkv(B, Sq, Skv, H, D, dtype, device):
     q = torch.randn(B, Sq, H, D, dtype=dtype, device=device)

@@ -9,6 +9,9 @@ from internvl_kernels import ops
 from internvl_kernels.model import functional as F
 from internvl_kernels.ops.qk_norm_attention import qk_rstd
 
+# the Triton interpreter's own NumPy deprecation noise
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+
 
 def _inputs(B, S, H, D, dtype, device):
     C = H * D
