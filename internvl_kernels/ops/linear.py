@@ -50,6 +50,7 @@ def _linear_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -73,9 +74,13 @@ def _linear_kernel(
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        kmask = offs_k < K - k0
-        a = tl.load(x_ptrs, mask=kmask[None, :], other=0.0)
-        b = tl.load(w_ptrs, mask=kmask[:, None], other=0.0)
+        if EVEN_K:
+            a = tl.load(x_ptrs)
+            b = tl.load(w_ptrs)
+        else:
+            kmask = offs_k < K - k0
+            a = tl.load(x_ptrs, mask=kmask[None, :], other=0.0)
+            b = tl.load(w_ptrs, mask=kmask[:, None], other=0.0)
         if UPCAST:
             acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
         elif IEEE:
@@ -138,7 +143,7 @@ _linear_tuned = triton.autotune(
     ),
     key=["M", "N", "K", "HAS_BIAS", "GELU"],
     prune_configs_by=None if INTERPRET else {"early_config_prune": _prune},
-)(_linear_kernel)
+)(triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_linear_kernel))
 
 
 def _linear_triton_kernel(x2: Tensor, weight: Tensor, bias: Optional[Tensor], gelu: bool) -> Tensor:

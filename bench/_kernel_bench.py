@@ -1,0 +1,38 @@
+"""Shared bits of the kernel benchmarks (bench/bench_<op>.py): shapes, dtypes, backend-pinned callables."""
+from __future__ import annotations
+
+import torch
+
+from internvl_kernels import set_backend
+
+# InternViT-6B: 3200 channels = 25 heads x 128, MLP 12800; 448 px tile = 1024 patches + cls
+C6B, H6B, D6B, I6B = 3200, 25, 128, 12800
+# InternViT-300M: 1024 channels = 16 heads x 64
+C300M, H300M, D300M = 1024, 16, 64
+LLM_HIDDEN = 6144  # InternLM2-20B (V1.5); 5120 for LLaMA2-13B (V1.1), 7168 for Yi-34B (V1.2)
+
+
+def dtype_for(dev: torch.device) -> torch.dtype:
+    return torch.bfloat16 if dev.type == "cuda" else torch.float32
+
+
+def tiles_tokens(full: bool):
+    """(tiles, tokens per tile): 13 x 1025 on a GPU; tiny on CPU, where Triton runs in the interpreter."""
+    return (13, 1025) if full else (1, 17)
+
+
+def impl_label(impl: str, dev: torch.device) -> str:
+    """Rows whose Triton kernels ran in the interpreter (CPU) say so: their times are not kernel speeds."""
+    runs_triton = impl.startswith(("triton", "auto")) or impl.endswith("triton_norm")
+    return f"{impl}-interpreter" if runs_triton and dev.type != "cuda" else impl
+
+
+def pinned(fn, backend: str):
+    """``fn`` run under ``set_backend(backend)`` (the switch is a context variable: cheap)."""
+
+    def run(*args, **kwargs):
+        with set_backend(backend), torch.no_grad():
+            return fn(*args, **kwargs)
+
+    run.__name__ = f"{getattr(fn, '__name__', 'fn')}[{backend}]"
+    return run
