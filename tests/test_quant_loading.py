@@ -23,13 +23,13 @@ import internvl_kernels
 import quantize
 from internvl_kernels.model import CheckpointError, InternVLChatModel
 from internvl_kernels.model.loading import load_state_dict, save_state_dict
-from internvl_kernels.model.testing import PRESETS, write_checkpoint
+from internvl_kernels.model.testing import PRESETS, write_checkpoint, write_vision_checkpoint
 from internvl_kernels.ops import _common
-from internvl_kernels.quant import QuantLinear, dequantize_model, load_quantized_llm
+from internvl_kernels.quant import QuantLinear, dequantize_model, load_quantized_llm, load_quantized_vit
 from internvl_kernels.quant.loading import UnsupportedQuantizationError
 from quantize import formats as fm
 
-VISION_LINEAR = re.compile(r"^vision_model\.encoder\.layers\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.weight$")
+VISION_LINEAR = re.compile(r"^(vision_model\.)?encoder\.layers\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.weight$")
 LLM_LINEAR = re.compile(r"^(language_model\.)?model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj|"
                         r"attention\.wqkv|attention\.wo|feed_forward\.w[123])\.weight$")
 
@@ -131,6 +131,7 @@ def test_internvl_quantized_folder_matches_fake_quant(base, tmp_path, preset, la
     mq, _ = _compare_chat_models(q, f)
     got = _quant_names(mq)
     n_vit = sum(1 for n in names if n.startswith("vision_model."))
+    assert n_vit > 0
     assert n_vit == 4 * mq.config.vision_config.num_hidden_layers
     assert sum(1 for n in got if n.startswith("vision_model.")) == n_vit
     n_layers = mq.language_model.config.num_hidden_layers
@@ -342,3 +343,24 @@ def test_replace_rejects_non_linear_targets():
     names = replace_with_quant_linear(model, {"quant_method": "gptq", "bits": 4, "group_size": 32,
                                               "checkpoint_format": "gptq_v2"}, sd)
     assert names == ["0"] and isinstance(model[0], QuantLinear)
+
+
+# ------------------------------------------------------------------------------------- standalone InternViT folders
+@pytest.mark.parametrize("kind,layout", [("6b", "gptq"), ("300m", "awq")])
+def test_standalone_internvit_folder(tmp_path, kind, layout):
+    from internvl_kernels.model import InternVisionModel
+
+    src = write_vision_checkpoint(str(tmp_path / "vit"), kind, seed=5, num_layers=2)
+    q, f = str(tmp_path / "q"), str(tmp_path / "f")
+    names = quantize_folder(src, q, f, layout, 4, parts=("vision",))
+    assert len(names) == 8
+    mq = load_quantized_vit(q)
+    mf = InternVisionModel.from_pretrained(f)
+    assert len(_quant_names(mq)) == 8
+    if kind == "300m":  # qkv has a bias: kept next to the quantized tensors
+        assert mq.encoder.layers[0].attn.qkv.bias is not None
+    pv = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = mq.forward_features(pv, -1)
+        b = mf.forward_features(pv, -1)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

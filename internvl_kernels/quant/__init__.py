@@ -5,7 +5,8 @@
 * :func:`dequantize` / :func:`quant_matmul_reference` — the eager definition (unpacking via :mod:`quantize.formats`).
 * :func:`apply_quantization` — called by ``InternVLChatModel.from_pretrained`` when ``config.json`` has a
   ``quantization_config``; :func:`replace_with_quant_linear` — the module swap for any model;
-  :func:`load_quantized_llm` — a plain transformers LLM folder (Llama / InternLM2) in GPTQ or AWQ layout.
+  :func:`load_quantized_llm` — a plain transformers LLM folder (Llama / InternLM2) in GPTQ or AWQ layout;
+  :func:`load_quantized_vit` — a standalone InternViT folder written quantized.
 """
 from .dequant import dequantize, quant_matmul_reference, unpack
 from .linear import QuantLinear
@@ -14,6 +15,7 @@ from .loading import (
     apply_quantization,
     dequantize_model,
     load_quantized_llm,
+    load_quantized_vit,
     model_nbytes,
     replace_with_quant_linear,
 )
@@ -28,5 +30,6 @@ __all__ = [
     "apply_quantization",
     "replace_with_quant_linear",
     "load_quantized_llm",
+    "load_quantized_vit",
     "model_nbytes",
 ]

@@ -39,7 +39,7 @@ from .linear import QuantLinear
 logger = logging.getLogger("internvl_kernels")
 
 __all__ = ["QuantConfig", "UnsupportedQuantizationError", "apply_quantization", "replace_with_quant_linear",
-           "load_quantized_llm", "dequantize_model", "model_nbytes", "split_quantized_wqkv_"]
+           "load_quantized_llm", "load_quantized_vit", "dequantize_model", "model_nbytes", "split_quantized_wqkv_"]
 
 
 class UnsupportedQuantizationError(ValueError):
@@ -394,6 +394,41 @@ def load_quantized_llm(path: str, dtype: torch.dtype | None = None, device=None)
     if tie and not isinstance(model.lm_head, QuantLinear):
         model.tie_weights()
     _materialize_buffers(model)
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def load_quantized_vit(path: str, dtype: torch.dtype | None = None, device=None):
+    """A standalone InternViT folder written quantized (``python -m quantize --model <InternViT folder>``: keys
+    without ``vision_model.``) → ``InternVisionModel`` with QuantLinear modules. ``dtype`` defaults to the dtype of
+    the checkpoint's unquantized floating tensors (the fp16 ``scales`` are never cast)."""
+    from ..model.configuration import InternVisionConfig
+    from ..model.loading import load_into_module, load_state_dict, strip_prefix
+    from ..model.vision import InternVisionModel
+
+    CheckpointError = _checkpoint_error()
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{path}: no config.json")
+    with open(cfg_path, encoding="utf-8") as f:
+        raw = json.load(f)
+    qcfg = _read_quant_config(path, raw)
+    if not qcfg:
+        raise CheckpointError(f"{path}: not a quantized checkpoint (no quantization_config)")
+    config = InternVisionConfig.from_dict(raw)
+    sd = load_state_dict(path)
+    if any(k.startswith("vision_model.") for k in sd):
+        sd = strip_prefix(sd, "vision_model.")
+    if dtype is None:
+        dtype = next((t.dtype for k, t in sd.items() if t.is_floating_point() and not k.endswith(".scales")),
+                     torch.float32)
+    with torch.device("meta"):
+        model = InternVisionModel(config)
+    model.to(dtype)
+    apply_quantization(model, qcfg, sd, dtype=dtype)
+    load_into_module(model, sd, f"InternViT checkpoint {path}")
     model.eval()
     if device is not None:
         model.to(device)
