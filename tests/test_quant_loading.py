@@ -364,3 +364,57 @@ def test_standalone_internvit_folder(tmp_path, kind, layout):
         a = mq.forward_features(pv, -1)
         b = mf.forward_features(pv, -1)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------- the quantizer's own output
+QUANTIZER_CASES = [  # preset, method, format, bits, act_order
+    ("v1.1", "gptq", "gptq", 4, True),
+    ("v1.2", "rtn", "gptq_v2", 8, False),
+    ("v1.5", "awq", "awq", 4, False),
+    ("v1.5", "gptq", "gptq_v2", 3, False),
+]
+
+
+@pytest.mark.parametrize("preset,method,fmt,bits,act", QUANTIZER_CASES)
+def test_quantizer_output_matches_its_fake_quant_model(base, tmp_path, preset, method, fmt, bits, act):
+    """``quantize`` (the issue-4 pipeline: calibrate, quantize ViT + LLM, write) → ``from_pretrained`` → QuantLinear
+    model; the quantizer's in-memory model after the run holds the same dequantized weights (AWQ scales folded) in
+    plain Linears: features and logits agree, greedy tokens are identical (fp32)."""
+    runner = pytest.importorskip("quantize.runner", reason="the quantizer pipeline (quantize.runner) is not present")
+    from quantize.pipeline import QuantSettings
+    from transformers import AutoTokenizer
+
+    lm = runner.load_model(base[preset])
+    st = QuantSettings(method=method, bits=bits, group_size=32, fmt=fmt, act_order=act, progress=False)
+    out = str(tmp_path / "q")
+    rc = runner.RunConfig(settings=st, nsamples=4, seqlen=32, eval_windows=1, eval_images=1, max_calib_images=2,
+                          mm_samples=1, out=out)
+    runner.run(rc, lm, log=lambda *a, **k: None)
+    fake = lm.model.eval().float()
+    mq = InternVLChatModel.from_pretrained(out, dtype=torch.float32)
+    with open(os.path.join(out, "config.json"), encoding="utf-8") as f:
+        qcfg = json.load(f)["quantization_config"]
+    listed = qcfg["quantized_modules"]
+    assert any(n.startswith("vision_model.") for n in listed) and any(n.startswith("language_model.") for n in listed)
+    got = _quant_names(mq)
+    want = set()
+    for n in listed:  # checkpoint (InternLM2) names → the runtime's Llama-layout modules
+        if n.endswith("attention.wqkv"):
+            want |= {n.replace("attention.wqkv", f"self_attn.{p}_proj") for p in "qkv"}
+        else:
+            want.add(n.replace("attention.wo", "self_attn.o_proj").replace("feed_forward.w1", "mlp.gate_proj")
+                     .replace("feed_forward.w3", "mlp.up_proj").replace("feed_forward.w2", "mlp.down_proj"))
+    assert set(got) == want
+    assert all(m.bits == bits for m in mq.modules() if isinstance(m, QuantLinear))
+    tok = AutoTokenizer.from_pretrained(out)
+    pv = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(4))
+    ids = _prompt(mq, tok)
+    _prompt(fake, tok)
+    with torch.no_grad():
+        torch.testing.assert_close(mq.extract_feature(pv), fake.extract_feature(pv), rtol=1e-5, atol=1e-5)
+        lq = mq(pixel_values=pv, input_ids=ids).logits
+        lf = fake(pixel_values=pv, input_ids=ids).logits
+    torch.testing.assert_close(lq, lf, rtol=1e-5, atol=1e-5)
+    kw = dict(max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=tok.pad_token_id)
+    assert torch.equal(mq.generate(pixel_values=pv, input_ids=ids, **kw),
+                       fake.generate(pixel_values=pv, input_ids=ids, **kw))
