@@ -407,7 +407,13 @@ Tensor quant_matmul(const Tensor& x, const Tensor& qweight, const Tensor& scales
   // fp16 scales (the format) are read as is; bf16/fp32 ones as fp32 (exact for bf16)
   const Tensor sc = scales.scalar_type() == at::kHalf ? scales.contiguous() : scales.to(at::kFloat).contiguous();
   const Tensor qz = qzeros.contiguous();
-  const Tensor gi = g_idx ? g_idx->contiguous() : Tensor();
+  // Without g_idx the exact-integer kernel path needs group_size % 64 == 0; other group sizes get an explicit
+  // g_idx = k / group_size and take the general path.
+  Tensor gi;
+  if (g_idx)
+    gi = g_idx->contiguous();
+  else if (gs % ik::kQmmIntGroupMultiple != 0)
+    gi = at::arange(K, x.options().dtype(at::kInt)).div(gs, "floor").to(at::kInt);
   const Tensor bf = bias ? bias->to(at::kFloat).contiguous() : Tensor();
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = N;
@@ -426,7 +432,7 @@ Tensor quant_matmul(const Tensor& x, const Tensor& qweight, const Tensor& scales
   a.qweight = qw.data_ptr<int32_t>();
   a.scales = sc.data_ptr();
   a.qzeros = qz.data_ptr<int32_t>();
-  a.g_idx = g_idx ? gi.data_ptr<int32_t>() : nullptr;
+  a.g_idx = gi.defined() ? gi.data_ptr<int32_t>() : nullptr;
   a.bias = bias ? bf.data_ptr<float>() : nullptr;
   a.group_size = gs;
   a.groups = G;

@@ -111,7 +111,8 @@ cudaError_t qk_rstd_launch(DType dtype, const void* qkv, int64_t rows, int64_t r
 // tensor cores (mma.sync m16n8k16) with the weights dequantized in registers. Tuned for small M (decode).
 //   qweight int32 [K*bits/32, N] (values packed along K, low bits first), scales [groups, N] (fp16 or fp32),
 //   qzeros int32 [groups, N*bits/32] (packed along N, low bits first), zero = stored + zero_offset
-//   (GPTQ v1: zero_offset 1, gptq_v2: 0), g_idx int32 [K] (group of each input row) or null (k / group_size).
+//   (GPTQ v1: zero_offset 1, gptq_v2: 0), g_idx int32 [K] (group of each input row) or null (k / group_size;
+//   then group_size must be a multiple of kQmmIntGroupMultiple -- pass an explicit g_idx otherwise).
 //   w[k, n] = (q[k, n] - zero[g, n]) * scale[g, n], g = g_idx[k].
 // Constraints: bits 4 or 8; x/out fp16 or bf16; K % 16 == 0; N % 32 == 0; x row stride % 8 == 0; 16-byte
 // aligned x / qweight; 8-byte aligned scales (fp16/bf16) or 16-byte (fp32). Needs sm_80 or newer.
@@ -136,6 +137,7 @@ struct QuantMatmulArgs {
   float* workspace = nullptr;
   int split_k = 1;
 };
+constexpr int kQmmIntGroupMultiple = 64;
 // Split-K factor the launcher will use for this problem on `device` (>= 1).
 int quant_matmul_split_k(int64_t M, int64_t K, int64_t N, int device);
 cudaError_t quant_matmul_launch(const QuantMatmulArgs& args, cudaStream_t stream);

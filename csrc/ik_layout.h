@@ -39,6 +39,21 @@ namespace qmm {
 // local k (0..63 within a 64-k chunk) feeding mma k-step kk, slot half (0: slots 2t,2t+1; 1: slots 2t+8,2t+9),
 // element jj, for lane (g, t). Lane t owns local k 16t..16t+15.
 IK_HD constexpr int local_k(int t, int kk, int half, int jj) { return 16 * t + 8 * half + 2 * kk + jj; }
+// Exact-integer path (no act-order, group_size % 64 == 0): the codes go into the mma as exact small integers
+// (n - zero) made by the magic-number trick, which yields the pair of codes (nibble i, nibble i+4) -- or bytes
+// (i, i+2) for 8-bit -- of one packed word in one 32-bit register. The k permutation follows that pairing:
+IK_HD constexpr int local_k_int(int bits, int t, int kk, int half, int jj) {
+  return bits == 4 ? 16 * t + 8 * half + kk + 4 * jj : 16 * t + 8 * half + 4 * (kk >> 1) + (kk & 1) + 2 * jj;
+}
+// packed word (of the lane's 16 / bits words) and right shift that bring that pair to bits 0 and 16
+IK_HD constexpr int int_word(int bits, int kk, int half) { return bits == 4 ? half : 2 * half + (kk >> 1); }
+IK_HD constexpr int int_shift(int bits, int kk) { return bits == 4 ? 4 * kk : 8 * (kk & 1); }
+// PRMT selector that packs 16-bit elements e0 (low half) and e1 (high half) of a run stored as 32-bit words of
+// two elements, from words e0/2 (operand a, bytes 0-3) and e1/2 (operand b, bytes 4-7).
+IK_HD constexpr uint32_t x_pair_selector(int e0, int e1) {
+  return ((e0 & 1) ? 0x32u : 0x10u) | (((e1 & 1) ? 0x76u : 0x54u) << 8);
+}
+// output columns of a lane's C fragments: 8t + 4h + j (h = c & 1), i.e. two runs of 4 consecutive columns
 // output column (0..31 within the CTA) of C fragment element c (0..3) of n-tile j for lane (g, t).
 IK_HD constexpr int out_col(int t, int c, int j) { return 4 * (2 * t + (c & 1)) + j; }
 IK_HD constexpr int out_row(int g, int c) { return g + 8 * (c >> 1); }

@@ -5,7 +5,7 @@
 // Work split: a CTA (8 warps) owns 32 output columns and 16 rows of M (blockIdx.x, blockIdx.z); blockIdx.y is the
 // split-K slice. K is cut into 64-wide chunks; warp w of the CTA takes chunks w, w+8, ... of its slice, so the 8
 // warps stream disjoint qweight rows, then reduce through shared memory; split-K slices are summed by a second
-// tiny kernel from an fp32 workspace (deterministic, no atomics).
+// tiny kernel from an fp32 workspace in a fixed order (deterministic, no atomics).
 //
 // The trick that keeps the loads wide: mma's k index is only a summation index, so any permutation applied to
 // both operands is free. In a chunk, lane (g = lane/4, t = lane%4) owns the 16 consecutive k's 16t..16t+15 and the
@@ -13,15 +13,20 @@
 //   * qweight: its 16 k's are 2 (4-bit) or 4 (8-bit) whole packed int32 rows -> 16-byte loads of 4 columns; the 8
 //     lanes of a packed row read 128 contiguous bytes.
 //   * x: its 16 k's are 32 contiguous bytes of row g (and of row g+8).
-//   * mma slot mapping, k-step kk in 0..3: slots (2t, 2t+1) <- local k (2kk, 2kk+1), slots (2t+8, 2t+9) <-
-//     local k (8+2kk, 9+2kk): A regs are then the 32-bit words kk and 4+kk of the thread's x run, and together the
-//     4 k-steps cover the 64 k's of the chunk exactly once.
 //   * n-tile j (of 4) holds column 4g'+j in its slot g', so C fragment (c, j) of lane (g, t) is row g + 8*(c/2),
-//     column 4*(2t + c%2) + j.
-// Dequantization happens in registers in fp32: nibble -> float exactly (magic 2^23), w = fma(q, s, -z*s) is exact
-// in fp32 (|q - z| < 2^8 times an 11-bit fp16 scale), then one rounding to the activation dtype (fp16 or bf16;
-// fp16 scales are used as fp32 for bf16 activations, no double rounding).
-// Not tuned on a GPU yet (no device was available when this was written); see the benchmark.
+//     column 8t + 4*(c%2) + j.
+// Two ways to feed the codes (index maps in ik_layout.h, checked on the CPU by csrc/test/host_layout_test.cpp):
+//   * exact-integer path (g_idx == null, group_size % 64 == 0 -- every chunk lies in one group): one LOP3 turns two
+//     codes of a packed word into the fp16 pair (1024 + n_a, 1024 + n_b) (bf16: 128 + n), one HSUB2 subtracts the
+//     zero: the B operand is the exact integer n - z. The chunk's fp32 product x @ (n - z) is then scaled per
+//     output column -- more exact than dequantize-then-round, and ~1.5 instructions per weight. The k permutation
+//     follows the code pairing (nibbles i, i+4 / bytes i, i+2); A pairs are rebuilt with one PRMT each.
+//     bf16 with 8-bit codes goes through fp32 (128 + n is not exact in bf16), still exact.
+//   * general path (act-order g_idx, other group sizes): per weight in fp32, w = fma(q, s, -z*s) (exact in fp32
+//     for fp16 scales), rounded once to the activation dtype; scale/zero looked up per k through g_idx, reloaded
+//     only when the group changes. k-step kk takes local k (2kk, 2kk+1) in slots (2t, 2t+1) and (8+2kk, 9+2kk)
+//     in slots (2t+8, 2t+9), so A registers are the plain 32-bit words of the x run.
+// Not tuned on a GPU yet (no device was available when this was written); see bench/bench_quant_matmul.py.
 #include "ik_mma.cuh"
 
 namespace ik {
@@ -98,7 +103,7 @@ __device__ __forceinline__ void load_group(const QuantMatmulArgs& p, int64_t grp
 // Exact small integer -> float: 2^23 + v has v in its mantissa.
 __device__ __forceinline__ float u2f_exact(uint32_t v) { return __uint_as_float(0x4B000000u | v) - 8388608.f; }
 
-template <typename T, typename S, int BITS, bool GIDX>
+template <typename T, typename S, int BITS>
 __device__ __forceinline__ void compute_chunk(const Raw<BITS>& raw, const QuantMatmulArgs& p, int64_t kbase, int n0,
                                               int g, float (&acc)[4][4]) {
   const bool kvalid = kbase < p.K;
@@ -117,7 +122,7 @@ __device__ __forceinline__ void compute_chunk(const Raw<BITS>& raw, const QuantM
         const int e = local_k(0, kk, half, jj);  // 0..15 within the thread's run
         if (kvalid) {
           const int64_t k = kbase + e;
-          const int64_t grp = GIDX ? static_cast<int64_t>(p.g_idx[k]) : k / p.group_size;
+          const int64_t grp = p.g_idx[k];
           if (grp != cur) {
             cur = grp;
             load_group<S, BITS>(p, grp, n0, g, sc, zs);
@@ -142,7 +147,94 @@ __device__ __forceinline__ void compute_chunk(const Raw<BITS>& raw, const QuantM
   }
 }
 
-template <typename T, typename S, int BITS, bool GIDX>
+// ------------------------------------------------------------------------------------ exact-integer path
+// Elements e0, e1 of the lane's 16-element x run (8 words of 2) as one register (one PRMT, or a plain word).
+__device__ __forceinline__ uint32_t x_pair(const uint32_t (&w)[8], int e0, int e1) {
+  if ((e0 & 1) == 0 && e1 == e0 + 1) return w[e0 >> 1];
+  return __byte_perm(w[e0 >> 1], w[e1 >> 1], x_pair_selector(e0, e1));
+}
+
+// Per-column constant of code_pair: fp16 (1024 + z, 1024 + z); bf16 4-bit (128 + z, 128 + z); bf16 8-bit the
+// fp32 bits of 2^23 + z. All exact.
+template <typename T, int BITS>
+__device__ __forceinline__ uint32_t zero_const(int z) {
+  if constexpr (std::is_same<T, __half>::value) {
+    const __half h = __float2half_rn(1024.f + static_cast<float>(z));
+    const __half2 h2 = __halves2half2(h, h);
+    return *reinterpret_cast<const uint32_t*>(&h2);
+  } else if constexpr (BITS == 4) {
+    const __nv_bfloat16 h = __float2bfloat16_rn(128.f + static_cast<float>(z));
+    const __nv_bfloat162 h2 = __halves2bfloat162(h, h);
+    return *reinterpret_cast<const uint32_t*>(&h2);
+  } else {
+    return __float_as_uint(8388608.f + static_cast<float>(z));
+  }
+}
+
+// The codes at bits [shift, shift+BITS) and [shift+16, shift+16+BITS) of `word`, minus the zero, as an exact
+// 16-bit pair (low half = the first).
+template <typename T, int BITS>
+__device__ __forceinline__ uint32_t code_pair(uint32_t word, int shift, uint32_t zc) {
+  constexpr uint32_t kMask = BITS == 4 ? 0x000F000Fu : 0x00FF00FFu;
+  if constexpr (std::is_same<T, __half>::value) {
+    const uint32_t h = ((word >> shift) & kMask) | 0x64006400u;  // (1024 + n_a, 1024 + n_b), exact
+    const __half2 r = __hsub2(*reinterpret_cast<const __half2*>(&h), *reinterpret_cast<const __half2*>(&zc));
+    return *reinterpret_cast<const uint32_t*>(&r);
+  } else if constexpr (BITS == 4) {
+    const uint32_t h = ((word >> shift) & kMask) | 0x43004300u;  // bf16 (128 + n_a, 128 + n_b), exact
+    const __nv_bfloat162 r =
+        __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&h), *reinterpret_cast<const __nv_bfloat162*>(&zc));
+    return *reinterpret_cast<const uint32_t*>(&r);
+  } else {
+    const uint32_t v = (word >> shift) & kMask;
+    const float a = __uint_as_float(0x4B000000u | (v & 0xFFu)) - __uint_as_float(zc);  // n_a - z, exact
+    const float b = __uint_as_float(0x4B000000u | (v >> 16)) - __uint_as_float(zc);
+    return pack2<T>(a, b);  // |n - z| <= 256: exact in bf16
+  }
+}
+
+template <typename T, typename S, int BITS>
+__device__ __forceinline__ void compute_chunk_int(const Raw<BITS>& raw, const QuantMatmulArgs& p, int64_t kchunk,
+                                                  int n0, int g, int t, float (&acc)[4][4]) {
+  // group_size % 64 == 0: the whole chunk (uniform over the warp) lies in one group. Lanes past K (K % 64 != 0)
+  // have zero x and codes; their B = -z is finite and meets A = 0.
+  const int64_t grp = kchunk / p.group_size;
+  const int col0 = n0 + load_col(g, 0);
+  const uint32_t zw = static_cast<uint32_t>(p.qzeros[grp * (p.N * BITS / 32) + zero_word(col0, BITS)]);
+  uint32_t zc[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+    zc[j] = zero_const<T, BITS>(static_cast<int>((zw >> zero_shift(col0 + j, BITS)) & ((1u << BITS) - 1u)) +
+                                p.zero_offset);
+  float so[2][4];  // scales of the output columns 8t + 4h + j
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const Vec<S, 4> v = load_vec<S, 4>(static_cast<const S*>(p.scales) + grp * p.N + n0 + out_col(t, h, 0));
+#pragma unroll
+    for (int j = 0; j < 4; ++j) so[h][j] = to_f<S>(v.v[j]);
+  }
+  float d[4][4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) d[j][0] = d[j][1] = d[j][2] = d[j][3] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    const int e00 = local_k_int(BITS, 0, kk, 0, 0), e01 = local_k_int(BITS, 0, kk, 0, 1);
+    const int e10 = local_k_int(BITS, 0, kk, 1, 0), e11 = local_k_int(BITS, 0, kk, 1, 1);
+    const uint32_t a[4] = {x_pair(raw.xa, e00, e01), x_pair(raw.xb, e00, e01), x_pair(raw.xa, e10, e11),
+                           x_pair(raw.xb, e10, e11)};
+    const int w0 = int_word(BITS, kk, 0), w1 = int_word(BITS, kk, 1), sh = int_shift(BITS, kk);
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      mma16816<T>(d[j], a, code_pair<T, BITS>(raw.q[w0][j], sh, zc[j]), code_pair<T, BITS>(raw.q[w1][j], sh, zc[j]));
+  }
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) acc[j][c] = fmaf(d[j][c], so[c & 1][j], acc[j][c]);
+}
+
+// INT: exact-integer path (g_idx == null, group_size % 64 == 0); else the general path (g_idx required).
+template <typename T, typename S, int BITS, bool INT>
 __global__ void __launch_bounds__(kThreads, 2) quant_matmul_kernel(const QuantMatmulArgs p) {
 #if IK_HAS_SM80
   __shared__ float red[kWarps][kBM][kBN + 1];
@@ -169,7 +261,10 @@ __global__ void __launch_bounds__(kThreads, 2) quant_matmul_kernel(const QuantMa
       Raw<BITS> nxt;
       const int64_t cn = c + kWarps;
       if (cn < c_end) load_raw<T, BITS>(nxt, p, cn * kChunk + local_k(t, 0, 0, 0), m0, n0, g);  // prefetch
-      compute_chunk<T, S, BITS, GIDX>(cur, p, c * kChunk + local_k(t, 0, 0, 0), n0, g, acc);
+      if constexpr (INT)
+        compute_chunk_int<T, S, BITS>(cur, p, c * kChunk, n0, g, t, acc);
+      else
+        compute_chunk<T, S, BITS>(cur, p, c * kChunk + local_k(t, 0, 0, 0), n0, g, acc);
       cur = nxt;
     }
   }
@@ -218,7 +313,7 @@ template <typename T, typename S, int BITS>
 cudaError_t launch_bits(const QuantMatmulArgs& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(p.N / kBN), static_cast<unsigned>(p.split_k),
                   static_cast<unsigned>(ceil_div(p.M, kBM)));
-  if (p.g_idx != nullptr)
+  if (p.g_idx == nullptr)  // launcher checked group_size % 64 == 0
     quant_matmul_kernel<T, S, BITS, true><<<grid, kThreads, 0, stream>>>(p);
   else
     quant_matmul_kernel<T, S, BITS, false><<<grid, kThreads, 0, stream>>>(p);
@@ -274,7 +369,9 @@ cudaError_t quant_matmul_launch(const QuantMatmulArgs& p, cudaStream_t stream) {
   if (p.M < 0 || p.K <= 0 || p.N <= 0 || p.K % 16 != 0 || p.N % qmm::kBN != 0) return cudaErrorInvalidValue;
   if (p.bits != 4 && p.bits != 8) return cudaErrorInvalidValue;
   if (p.split_k < 1 || p.split_k > 65535 || (p.split_k > 1 && p.workspace == nullptr)) return cudaErrorInvalidValue;
-  if (p.g_idx == nullptr && p.group_size <= 0) return cudaErrorInvalidValue;
+  // without g_idx the exact-integer path needs every 64-k chunk inside one group
+  if (p.g_idx == nullptr && (p.group_size <= 0 || p.group_size % kQmmIntGroupMultiple != 0))
+    return cudaErrorInvalidValue;
   if (ceil_div(p.M, qmm::kBM) > 65535) return cudaErrorInvalidValue;
   if (p.M == 0) return cudaSuccess;
   if (p.x_stride % 8 != 0 || !aligned_to(p.x, 16) || !aligned_to(p.qweight, 16)) return cudaErrorMisalignedAddress;

@@ -305,6 +305,110 @@ void check_qmm(std::mt19937& rng, int bits, bool act_order, int zero_offset) {
               g_fail == fails0 ? "OK" : "WRONG");
 }
 
+// PTX prmt (default mode): result byte i = byte (sel nibble i & 7) of {a bytes 0-3, b bytes 4-7}.
+uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+  const uint64_t ab = (static_cast<uint64_t>(b) << 32) | a;
+  uint32_t r = 0;
+  for (int i = 0; i < 4; ++i) r |= static_cast<uint32_t>((ab >> (8 * ((sel >> (4 * i)) & 7))) & 0xFF) << (8 * i);
+  return r;
+}
+
+// The exact-integer path of quant_matmul (no g_idx, group_size % 64 == 0), bit-level for the x pairs: x elements
+// are 16-bit labels packed two per word exactly as in memory; the A registers are rebuilt with the kernels' PRMT
+// selectors and decoded back to values.
+void check_qmm_int(std::mt19937& rng, int bits, int zero_offset) {
+  using namespace ik::qmm;
+  const int fails0 = g_fail;
+  const int K = 256, N = 32, M = 16, gs = 128, G = K / gs;
+  const int per = values_per_word(bits), qmax = (1 << bits) - 1;
+  std::uniform_int_distribution<int> code(0, qmax), xd(-3, 3), sd(1, 8);
+  std::vector<int> q(K * N), z(G * N);
+  std::vector<double> sc(G * N), x(M * K);
+  for (auto& v : q) v = code(rng);
+  for (auto& v : z) v = std::max(zero_offset, code(rng));
+  for (auto& v : sc) v = sd(rng) / 8.0;
+  for (auto& v : x) v = xd(rng);
+  std::vector<uint32_t> qweight((K / per) * N, 0u), qzeros(G * (N / per), 0u);
+  for (int k = 0; k < K; ++k)
+    for (int n = 0; n < N; ++n) qweight[(k / per) * N + n] |= static_cast<uint32_t>(q[k * N + n]) << (bits * (k % per));
+  for (int g = 0; g < G; ++g)
+    for (int n = 0; n < N; ++n)
+      qzeros[g * (N / per) + n / per] |= (static_cast<uint32_t>(z[g * N + n] - zero_offset) & qmax) << (bits * (n % per));
+  // x as 16-bit labels: label = m * K + k (+1, so 0 means "not an x element"); decode label -> value
+  auto label_value = [&](uint32_t lab) { return (lab == 0 || lab > x.size()) ? NAN : x[lab - 1]; };
+  const uint32_t field = bits == 4 ? 0xFu : 0xFFu;
+
+  double acc[4][32][4] = {};
+  for (int chunk = 0; chunk < K / 64; ++chunk) {
+    const int grp = chunk * 64 / gs;
+    double d[4][32][4] = {};
+    for (int kk = 0; kk < 4; ++kk) {
+      Regs a;
+      Pair b[4][2][32];
+      for (int L = 0; L < 32; ++L) {
+        const int g = L >> 2, t = L & 3;
+        const int kbase = chunk * 64 + local_k_int(bits, t, 0, 0, 0);
+        CHECK(kbase == chunk * 64 + 16 * t, "qmm-int: lane run does not start at 16t");
+        uint32_t wa[8], wb[8];  // the 16-element x runs of rows g, g+8 as memory words
+        for (int w = 0; w < 8; ++w) {
+          wa[w] = static_cast<uint32_t>(g * K + kbase + 2 * w + 1) | (static_cast<uint32_t>(g * K + kbase + 2 * w + 2) << 16);
+          wb[w] = static_cast<uint32_t>((g + 8) * K + kbase + 2 * w + 1) |
+                  (static_cast<uint32_t>((g + 8) * K + kbase + 2 * w + 2) << 16);
+        }
+        for (int half = 0; half < 2; ++half) {
+          const int e0 = local_k_int(bits, 0, kk, half, 0), e1 = local_k_int(bits, 0, kk, half, 1);
+          const uint32_t sel = x_pair_selector(e0, e1);
+          const uint32_t ra = ((e0 & 1) == 0 && e1 == e0 + 1) ? wa[e0 >> 1] : prmt(wa[e0 >> 1], wa[e1 >> 1], sel);
+          const uint32_t rb = ((e0 & 1) == 0 && e1 == e0 + 1) ? wb[e0 >> 1] : prmt(wb[e0 >> 1], wb[e1 >> 1], sel);
+          a[L][half * 2 + 0] = {label_value(ra & 0xFFFF), label_value(ra >> 16)};
+          a[L][half * 2 + 1] = {label_value(rb & 0xFFFF), label_value(rb >> 16)};
+          // expected x elements of those slots
+          CHECK(a[L][half * 2].lo == x[g * K + kbase + e0] && a[L][half * 2].hi == x[g * K + kbase + e1],
+                "qmm-int: PRMT pair wrong");
+          // B: codes of the packed word, pair at bits [shift, +bits) and [shift + 16, +bits), minus the zero
+          const int col0 = load_col(g, 0);
+          const uint32_t zw = qzeros[grp * (N / per) + zero_word(col0, bits)];
+          for (int j = 0; j < 4; ++j) {
+            const uint32_t word = qweight[(kbase / per + int_word(bits, kk, half)) * N + col0 + j];
+            const int sh = int_shift(bits, kk);
+            const int zz = static_cast<int>((zw >> zero_shift(col0 + j, bits)) & qmax) + zero_offset;
+            const int n_lo = static_cast<int>((word >> sh) & field), n_hi = static_cast<int>((word >> (sh + 16)) & field);
+            CHECK(n_lo == q[(kbase + e0) * N + col0 + j] && n_hi == q[(kbase + e1) * N + col0 + j],
+                  "qmm-int bits=%d: code pair (kk=%d half=%d) is not local k (%d, %d)", bits, kk, half, e0, e1);
+            b[j][half][L] = {static_cast<double>(n_lo - zz), static_cast<double>(n_hi - zz)};
+          }
+        }
+      }
+      for (int j = 0; j < 4; ++j) mma(d[j], a, b[j][0], b[j][1]);
+    }
+    for (int L = 0; L < 32; ++L)
+      for (int j = 0; j < 4; ++j)
+        for (int c = 0; c < 4; ++c) {
+          const int col = out_col(L & 3, c, j);
+          CHECK(col == out_col(L & 3, c & 1, 0) + j, "qmm-int: output columns are not two runs of 4");
+          acc[j][L][c] += d[j][L][c] * sc[grp * N + col];
+        }
+  }
+  for (int L = 0; L < 32; ++L)
+    for (int j = 0; j < 4; ++j)
+      for (int c = 0; c < 4; ++c) {
+        const int m = out_row(L >> 2, c), n = out_col(L & 3, c, j);
+        double ref = 0;
+        for (int k = 0; k < K; ++k) ref += x[m * K + k] * (q[k * N + n] - z[(k / gs) * N + n]) * sc[(k / gs) * N + n];
+        CHECK(std::fabs(acc[j][L][c] - ref) < 1e-9, "qmm-int bits=%d: out[%d][%d] = %g, want %g", bits, m, n,
+              acc[j][L][c], ref);
+      }
+  // the k permutation covers each of a lane's 16 k exactly once
+  for (int t = 0; t < 4; ++t) {
+    int seen[16] = {};
+    for (int kk = 0; kk < 4; ++kk)
+      for (int half = 0; half < 2; ++half)
+        for (int jj = 0; jj < 2; ++jj) seen[local_k_int(bits, t, kk, half, jj) - 16 * t]++;
+    for (int e = 0; e < 16; ++e) CHECK(seen[e] == 1, "qmm-int bits=%d: local k %d used %d times", bits, e, seen[e]);
+  }
+  std::printf("qmm-int bits=%d zero_offset=%d: fragment maps %s\n", bits, zero_offset, g_fail == fails0 ? "OK" : "WRONG");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -320,6 +424,8 @@ int main(int argc, char** argv) {
     for (int bits : {4, 8})
       for (int act : {0, 1})
         for (int zo : {0, 1}) check_qmm(rng, bits, act, zo);
+    for (int bits : {4, 8})
+      for (int zo : {0, 1}) check_qmm_int(rng, bits, zo);
   } else if (!std::strcmp(argv[1], "shuffle") && argc == 7) {
     const int B = std::atoi(argv[2]), side = std::atoi(argv[3]), r = std::atoi(argv[4]), C = std::atoi(argv[5]);
     const bool v2 = !std::strcmp(argv[6], "v2");
