@@ -333,9 +333,13 @@ cudaError_t attention_typed(const AttentionArgs& p, cudaStream_t stream) {
 int current_device_sm() {
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) return -1;
+  // cached per device (benign race: every writer stores the same value)
+  static int cache[64] = {0};
+  if (dev >= 0 && dev < 64 && cache[dev] > 0) return cache[dev];
   int major = 0, minor = 0;
   if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return -1;
   if (cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) return -1;
+  if (dev >= 0 && dev < 64) cache[dev] = major * 10 + minor;
   return major * 10 + minor;
 }
 

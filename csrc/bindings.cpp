@@ -266,11 +266,12 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, std::optiona
   TORCH_CHECK(D == 64 || D == 128, op, ": head_dim must be 64 or 128 for the CUDA kernel, got ", D);
   TORCH_CHECK(B <= 65535 && H <= 65535 && S <= 0x7fffffff && SK <= 0x7fffffff, op,
               ": shape too large for the grid: ", q.sizes());
-  check_sm80(op);
   c10::cuda::CUDAGuard guard(q.device());
-  const Tensor qc = attn_aligned(q) ? q : q.contiguous().clone();
-  const Tensor kc = attn_aligned(k) ? k : k.contiguous().clone();
-  const Tensor vc = attn_aligned(v) ? v : v.contiguous().clone();
+  check_sm80(op);
+  // strided views are used as they are when 16-byte aligned; anything else gets one fresh (aligned) copy
+  const Tensor qc = attn_aligned(q) ? q : q.clone(at::MemoryFormat::Contiguous);
+  const Tensor kc = attn_aligned(k) ? k : k.clone(at::MemoryFormat::Contiguous);
+  const Tensor vc = attn_aligned(v) ? v : v.clone(at::MemoryFormat::Contiguous);
   Tensor out = new_output({B, S, H, D}, q.options());
   ik::AttentionArgs a;
   a.dtype = dt;
@@ -311,12 +312,12 @@ Tensor qk_norm_attention(const Tensor& qkv, const Tensor& q_norm_weight, const T
   check_vector(q_norm_weight, C, qkv, op, "q_norm_weight");
   check_vector(k_norm_weight, C, qkv, op, "k_norm_weight");
   TORCH_CHECK(B <= 65535 && num_heads <= 65535, op, ": shape too large for the grid: ", qkv.sizes());
-  check_sm80(op);
   c10::cuda::CUDAGuard guard(qkv.device());
+  check_sm80(op);
   // rows b*S + s must be evenly spaced (stride(0) == S*stride(1)), 16-byte aligned, unit inner stride.
   const bool ok = qkv.stride(2) == 1 && qkv.stride(1) % 8 == 0 && (B <= 1 || qkv.stride(0) == S * qkv.stride(1)) &&
                   reinterpret_cast<uintptr_t>(qkv.data_ptr()) % 16 == 0 && C % 8 == 0;
-  const Tensor x = ok ? qkv : qkv.contiguous().clone();
+  const Tensor x = ok ? qkv : qkv.clone(at::MemoryFormat::Contiguous);
   TORCH_CHECK(C % 8 == 0, op, ": C must be a multiple of 8, got ", C);
   const Tensor qw = q_norm_weight.contiguous();
   const Tensor kw = k_norm_weight.contiguous();
@@ -401,7 +402,7 @@ Tensor quant_matmul(const Tensor& x, const Tensor& qweight, const Tensor& scales
   c10::cuda::CUDAGuard guard(x.device());
   Tensor x2 = x.reshape({-1, K});
   if (x2.stride(1) != 1 || x2.stride(0) % 8 != 0 || reinterpret_cast<uintptr_t>(x2.data_ptr()) % 16 != 0)
-    x2 = x2.contiguous().clone();
+    x2 = x2.clone(at::MemoryFormat::Contiguous);
   const int64_t M = x2.size(0);
   const Tensor qw = qweight.contiguous();
   // fp16 scales (the format) are read as is; bf16/fp32 ones as fp32 (exact for bf16)

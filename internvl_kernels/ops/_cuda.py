@@ -20,9 +20,12 @@ mlp_projector               our LN -> cuBLAS -> bias+erf-GELU -> cuBLAS addmm   
 attention                   csrc/attention.cu (mma.sync flash attention)         fp32, head_dim not 64/128
 qk_norm_attention           rstd pre-pass + attention.cu applying the norm       fp32, head_dim not 64/128,
                             while loading q/k tiles                              mixed dtypes
-quant_matmul                csrc/quant_matmul.cu (GPTQ v1/v2, 4/8-bit, M<=32)   awq, 2/3-bit, fp32 x, M>32,
-                                                                                 K%16 or N%32 != 0
+quant_matmul                csrc/quant_matmul.cu (GPTQ v1/v2, 4/8-bit, M<=32;   awq, 2/3-bit, fp32 x, M>32,
+                            exact-integer path when g_idx is None and            K%16 or N%32 != 0
+                            group_size % 64 == 0)
 ==========================  ===================================================  ===============================
+
+Every op also goes to Triton on GPUs older than sm_80 (the extension is built for sm_80+ only).
 """
 from __future__ import annotations
 
@@ -141,31 +144,41 @@ def _same_dtype(ref: torch.Tensor, *ts) -> bool:
     return all(t is None or t.dtype == ref.dtype for t in ts)
 
 
+_SM_OK: dict = {}
+
+
+def _sm80(t: torch.Tensor) -> bool:
+    """The extension is built for sm_80+ only (cp.async, bf16 mma): older GPUs run the op on Triton."""
+    idx = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    ok = _SM_OK.get(idx)
+    if ok is None:
+        ok = _SM_OK[idx] = torch.cuda.get_device_capability(idx) >= (8, 0)
+    return ok
+
+
 # ----------------------------------------------------------------------------------------------- wrappers
 def rms_norm(x, weight, eps=1e-6):
-    if not _same_dtype(x, weight):
+    if not _sm80(x) or not _same_dtype(x, weight):
         return _fallback("rms_norm")(x, weight, eps)
     return _call("rms_norm", x, weight, float(eps))
 
 
 def layer_norm(x, weight, bias, eps=1e-6):
-    if not _same_dtype(x, weight, bias):
+    if not _sm80(x) or not _same_dtype(x, weight, bias):
         return _fallback("layer_norm")(x, weight, bias, eps)
     return _call("layer_norm", x, weight, bias, float(eps))
 
 
 def add_rms_norm(x, residual, weight, eps=1e-6, scale=None):
-    if not _same_dtype(x, residual, weight, scale):
+    if not _sm80(x) or not _same_dtype(x, residual, weight, scale):
         return _fallback("add_rms_norm")(x, residual, weight, eps, scale)
-    new_res, y = _call("add_rms_norm", x, residual, weight, float(eps), scale)
-    return new_res, y
+    return _call("add_rms_norm", x, residual, weight, float(eps), scale)  # (new_residual, normed)
 
 
 def add_layer_norm(x, residual, weight, bias, eps=1e-6, scale=None):
-    if not _same_dtype(x, residual, weight, bias, scale):
+    if not _sm80(x) or not _same_dtype(x, residual, weight, bias, scale):
         return _fallback("add_layer_norm")(x, residual, weight, bias, eps, scale)
-    new_res, y = _call("add_layer_norm", x, residual, weight, bias, float(eps), scale)
-    return new_res, y
+    return _call("add_layer_norm", x, residual, weight, bias, float(eps), scale)  # (new_residual, normed)
 
 
 def _ratio(scale_factor: float) -> int:
@@ -173,21 +186,25 @@ def _ratio(scale_factor: float) -> int:
 
 
 def pixel_shuffle(x, scale_factor=0.5, version="v2"):
+    if not _sm80(x):
+        return _fallback("pixel_shuffle")(x, scale_factor, version)
     return _call("pixel_shuffle", x, _ratio(scale_factor), version == "v2")
 
 
 def pixel_shuffle_layer_norm(x, weight, bias, scale_factor=0.5, version="v2", eps=1e-5):
-    if not _same_dtype(x, weight, bias):
+    if not _sm80(x) or not _same_dtype(x, weight, bias):
         return _fallback("pixel_shuffle_layer_norm")(x, weight, bias, scale_factor, version, eps)
     return _call("pixel_shuffle_layer_norm", x, weight, bias, _ratio(scale_factor), version == "v2", float(eps))
 
 
 def mlp_projector(x, ln_weight, ln_bias, w1, b1, w2, b2, eps=1e-5):
+    if not _sm80(x):
+        return _fallback("mlp_projector")(x, ln_weight, ln_bias, w1, b1, w2, b2, eps)
     return _call("mlp_projector", x, ln_weight, ln_bias, w1, b1, w2, b2, float(eps))
 
 
 def attention(q, k, v, scale=None):
-    if q.dtype not in _HALF or q.shape[-1] not in (64, 128) or not _same_dtype(q, k, v):
+    if q.dtype not in _HALF or q.shape[-1] not in (64, 128) or not _same_dtype(q, k, v) or not _sm80(q):
         return _fallback("attention")(q, k, v, scale)
     return _call("attention", q, k, v, None if scale is None else float(scale))
 
@@ -196,7 +213,7 @@ def qk_norm_attention(qkv, q_norm_weight, k_norm_weight, num_heads, eps=1e-6, sc
     C = qkv.shape[-1] // 3
     D = C // num_heads if num_heads > 0 else 0
     if (qkv.dtype not in _HALF or D not in (64, 128) or C % 8 != 0
-            or not _same_dtype(qkv, q_norm_weight, k_norm_weight)):
+            or not _same_dtype(qkv, q_norm_weight, k_norm_weight) or not _sm80(qkv)):
         return _fallback("qk_norm_attention")(qkv, q_norm_weight, k_norm_weight, num_heads, eps, scale)
     return _call("qk_norm_attention", qkv, q_norm_weight, k_norm_weight, int(num_heads), float(eps),
                  None if scale is None else float(scale))
@@ -210,7 +227,8 @@ def quant_matmul(x, qweight, scales, qzeros, g_idx, bias, bits, group_size, layo
     N = qweight.shape[-1]
     M = x.numel() // K if K else 0
     if (layout not in _ZERO_OFFSET or bits not in (4, 8) or x.dtype not in _HALF or K % 16 or N % 32
-            or M > QUANT_MATMUL_MAX_M or (g_idx is not None and g_idx.dtype not in (torch.int32, torch.int64))):
+            or M > QUANT_MATMUL_MAX_M or (g_idx is not None and g_idx.dtype not in (torch.int32, torch.int64))
+            or not _sm80(x)):
         return _fallback("quant_matmul")(x, qweight, scales, qzeros, g_idx, bias, bits, group_size, layout)
     if g_idx is not None and g_idx.dtype != torch.int32:
         g_idx = g_idx.to(torch.int32)
