@@ -17,7 +17,6 @@ dequantize path) so the file cannot rot — their numbers mean nothing for speed
 """
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
@@ -129,7 +128,8 @@ def test_quant_matmul_tiny_cpu(bench_run, bench_device, M, impl):
     K, N, gs = 256, 128, 128
     t = random_packed(K, N, 4, gs, "gptq", bench_device)
     x = torch.randn(M, K, device=bench_device)
-    bench_run(_qmm(impl), x, t, 4, gs, "gptq", bytes_moved=_nbytes(t["qweight"], t["qzeros"], t["scales"], x) + M * N * 4,
+    moved = _nbytes(t["qweight"], t["qzeros"], t["scales"], x) + M * N * 4
+    bench_run(_qmm(impl), x, t, 4, gs, "gptq", bytes_moved=moved,
               flops=2 * M * N * K, shapes={"M": M, "K": K, "N": N}, dtype=torch.float32,
               impl=f"{impl}-interpreter" if impl == "triton" else impl, rounds=2)
 

@@ -113,7 +113,8 @@ def expected_weight(q, z, s, g_idx):
 
 # ------------------------------------------------------------------------------------------ literal tiny cases
 def test_literal_words():
-    """One int32 word 0x76543210: GPTQ 4-bit → input rows 0..7 get 0..7; AWQ → output column j gets [0,4,1,5,2,6,3,7][j]."""
+    """One int32 word 0x76543210: GPTQ 4-bit → input rows 0..7 get 0..7; AWQ → output column j gets
+    [0, 4, 1, 5, 2, 6, 3, 7][j]."""
     word = 0x76543210
     qweight = torch.full((1, 8), word, dtype=torch.int32)  # GPTQ: [in/8=1, out=8]
     qzeros = torch.zeros(1, 1, dtype=torch.int32)  # v2 zero 0 for all 8 columns

@@ -11,7 +11,6 @@ import internvl_kernels
 import quantize
 from internvl_kernels.ops import _common
 from internvl_kernels.quant import QuantLinear, dequantize
-from quantize import formats as fm
 
 
 def _linear(in_f=256, out_f=96, bias=True, seed=0, dtype=torch.float32):

@@ -271,7 +271,8 @@ def _write_llm_folder(base_dir: str, dst: str) -> None:
     """The LLM of a preset as a standalone transformers folder (config = llm_config, keys without the prefix)."""
     with open(os.path.join(base_dir, "config.json"), encoding="utf-8") as f:
         raw = json.load(f)
-    sd = {k[len("language_model."):]: v for k, v in load_state_dict(base_dir).items() if k.startswith("language_model.")}
+    pre = "language_model."
+    sd = {k[len(pre):]: v for k, v in load_state_dict(base_dir).items() if k.startswith(pre)}
     os.makedirs(dst, exist_ok=True)
     save_state_dict(sd, dst)
     with open(os.path.join(dst, "config.json"), "w", encoding="utf-8") as f:

@@ -287,17 +287,19 @@ def test_torch_compile_fullgraph_traces():
 # ---------------------------------------------------------------------------------------------------- GPU only
 @pytest.mark.gpu
 @pytest.mark.parametrize("KN", [(5120, 13824), (13824, 5120), (5120, 5120), (3200, 9600), (3200, 12800),
-                                (12800, 3200)])
-@pytest.mark.parametrize("M", [1, 4, 16, 64, 128, 1024])
-@pytest.mark.parametrize("bits", [4, 8])
-def test_full_shapes_gpu(KN, M, bits):
+                                (12800, 3200)], ids=lambda kn: f"{kn[0]}x{kn[1]}")
+def test_full_shapes_gpu(KN):
+    """LLaMA2-13B and InternViT-6B Linear shapes, every M of the benchmark, W4 (GPTQ, act-order, AWQ) and W8."""
     K, N = KN
-    for layout, act in (("gptq", False), ("gptq", True)) + ((("awq", False),) if bits == 4 else ()):
-        q = make_quant(K, N, bits, 128, layout, act, device="cuda")
-        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-        with internvl_kernels.set_backend("triton"):
-            y = run_triton(quant_matmul, x, q["qweight"], q["scales"], q["qzeros"], q["g_idx"], bits, 128, layout)
-        check_against_reference(y, x, q, bits, 128, layout, what=f"{K}x{N} M={M} {layout} {bits}b act={act}")
+    for bits in (4, 8):
+        for layout, act in (("gptq", False), ("gptq", True)) + ((("awq", False),) if bits == 4 else ()):
+            q = make_quant(K, N, bits, 128, layout, act, device="cuda")
+            for M in (1, 4, 16, 64, 128, 1024):
+                x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+                with internvl_kernels.set_backend("triton"):
+                    y = run_triton(quant_matmul, x, q["qweight"], q["scales"], q["qzeros"], q["g_idx"], bits, 128,
+                                   layout)
+                check_against_reference(y, x, q, bits, 128, layout, what=f"{K}x{N} M={M} {layout} {bits}b act={act}")
 
 
 @pytest.mark.gpu

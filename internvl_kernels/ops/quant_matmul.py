@@ -40,7 +40,6 @@ Implementations (selected by :mod:`internvl_kernels._backend`):
 from __future__ import annotations
 
 import functools
-import math
 from typing import Optional
 
 import torch
@@ -97,7 +96,9 @@ def packed_shapes(in_features: int, out_features: int, bits: int, group_size: in
 
 
 def check_quant_matmul_args(x, qweight, scales, qzeros, g_idx, bias, bits, group_size, layout) -> tuple[int, int, int]:
-    """Validate the op's arguments; returns ``(K, N, effective_group_size)``. Raises a clear error naming the problem."""
+    """Validate the op's arguments; returns ``(K, N, effective_group_size)``.
+
+    Raises a clear error naming the problem."""
     from ._common import FLOAT_DTYPES
 
     if not isinstance(layout, str) or layout not in LAYOUTS:
@@ -128,7 +129,8 @@ def check_quant_matmul_args(x, qweight, scales, qzeros, g_idx, bias, bits, group
     try:
         want = packed_shapes(K, N, bits, group_size, layout)
     except ValueError as e:
-        raise ValueError(f"{e} (in_features taken from x.shape[-1]={K}, out_features from scales.shape[1]={N})") from None
+        raise ValueError(f"{e} (in_features taken from x.shape[-1]={K}, "
+                         f"out_features from scales.shape[1]={N})") from None
     for name, t in (("qweight", qweight), ("qzeros", qzeros), ("scales", scales)):
         if tuple(t.shape) != want[name]:
             raise ValueError(f"{OP}: {name} has shape {tuple(t.shape)} but layout={layout!r}, bits={bits}, "

@@ -20,7 +20,9 @@ def _formats():
 
 
 def unpack(qweight: torch.Tensor, qzeros: torch.Tensor, bits: int, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed tensors → ``(intweight [out, in] int32, true zeros [groups, out] int32)`` (via :mod:`quantize.formats`)."""
+    """Packed tensors → ``(intweight [out, in] int32, true zeros [groups, out] int32)``.
+
+    Unpacking is :mod:`quantize.formats`' (the one definition of the layouts)."""
     fm = _formats()
     if layout == "awq":
         return fm.unpack_awq(qweight, qzeros, bits)

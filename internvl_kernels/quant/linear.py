@@ -124,8 +124,8 @@ class QuantLinear(nn.Module):
             if got is None:
                 raise ValueError(f"QuantLinear: missing tensor {name!r}")
             if tuple(got.shape) != tuple(want.shape):
-                raise ValueError(f"QuantLinear: {name} has shape {tuple(got.shape)} but a {self.layout} {self.bits}-bit "
-                                 f"group_size={self.group_size} Linear [{self.out_features}, {self.in_features}] needs "
+                raise ValueError(f"QuantLinear: {name} has shape {tuple(got.shape)} but a {self.layout} "
+                                 f"{self.bits}-bit group_size={self.group_size} Linear [{self.out_features}, {self.in_features}] needs "
                                  f"{tuple(want.shape)}")
             if name in ("qweight", "qzeros", "g_idx") and got.dtype not in (torch.int32,):
                 raise TypeError(f"QuantLinear: {name} must be int32, got {got.dtype}")
