@@ -151,6 +151,7 @@ __global__ void __launch_bounds__(VPT > 0 ? 1024 : kNormUncachedThreads) norm_ke
     const T* __restrict__ scale = static_cast<const T*>(p.scale);
     T* ro = static_cast<T*>(p.residual_out) + row * p.residual_out_stride;
     // new_residual = residual + (x * scale): the product rounds to T first, then the sum (eager's rounding).
+    // __fmul_rn / __fadd_rn are never contracted into an FMA, so fp32 matches eager's two roundings bit for bit.
     auto src = [&](int v, float(&h)[VEC]) {
       const int64_t off = static_cast<int64_t>(v) * VEC;
       const Vec<T, VEC> xv = load_vec<T, VEC>(x + off);
@@ -160,10 +161,11 @@ __global__ void __launch_bounds__(VPT > 0 ? 1024 : kNormUncachedThreads) norm_ke
         const Vec<T, VEC> sv = load_vec<T, VEC>(scale + off);
 #pragma unroll
         for (int j = 0; j < VEC; ++j)
-          o.v[j] = from_f<T>(to_f<T>(rv.v[j]) + round_to<T>(to_f<T>(xv.v[j]) * to_f<T>(sv.v[j])));
+          o.v[j] = from_f<T>(
+              __fadd_rn(to_f<T>(rv.v[j]), round_to<T>(__fmul_rn(to_f<T>(xv.v[j]), to_f<T>(sv.v[j])))));
       } else {
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) o.v[j] = from_f<T>(to_f<T>(rv.v[j]) + to_f<T>(xv.v[j]));
+        for (int j = 0; j < VEC; ++j) o.v[j] = from_f<T>(__fadd_rn(to_f<T>(rv.v[j]), to_f<T>(xv.v[j])));
       }
       store_vec<T, VEC>(ro + off, o);
 #pragma unroll
