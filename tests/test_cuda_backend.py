@@ -280,9 +280,26 @@ def test_quant_matmul(backend, M, act, bits, layout, dtype):
 
     K, N = 3200, 1024  # InternViT's K; full widths in test_quant_matmul_llm_shapes (the CPU reference is fp64)
     q, x, b = _qmm_case(K, N, bits, layout, act, dtype, M, bias=(M % 2 == 1))
+    from internvl_kernels.ops._cuda import QUANT_MATMUL_MAX_M
+
     y = run(backend, "quant_matmul", ops.quant_matmul, x, q["qweight"], q["scales"], q["qzeros"], q["g_idx"], bits,
-            128, layout, bias=b)
+            128, layout, bias=b, expect=None if M <= QUANT_MATMUL_MAX_M else "triton")
     check_against_reference(y, x, q, bits, 128, layout, bias=b, what=f"{backend} M={M}")
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=IDS.get)
+@pytest.mark.parametrize("K,gs", [(1024, 32), (1040, -1), (1040, 16), (1040, 64), (1088, 64), (2048, 256)], ids=str)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quant_matmul_group_sizes_and_k_tails(backend, K, gs, bits, dtype):
+    """group_size % 64 == 0 takes the exact-integer path, others the general one (g_idx built by the binding);
+    K % 64 != 0 leaves a partial last chunk in both."""
+    from test_quant_matmul import check_against_reference, make_quant
+
+    q = make_quant(K, 256, bits, gs, "gptq_v2", device=DEV)
+    x = rnd(5, K, dtype=dtype)
+    y = run(backend, "quant_matmul", ops.quant_matmul, x, q["qweight"], q["scales"], q["qzeros"], None, bits, gs,
+            "gptq_v2")
+    check_against_reference(y, x, q, bits, gs, "gptq_v2", what=f"{backend} K={K} gs={gs}")
 
 
 @pytest.mark.parametrize("KN", [(5120, 13824), (13824, 5120), (12800, 3200)], ids=str)

@@ -163,6 +163,7 @@ def test_quant_matmul_routing(rec):
     x = t(3, K)
     qw, sc, qz = torch.zeros(K // 8, N, dtype=torch.int32), t(2, N), torch.zeros(2, N // 8, dtype=torch.int32)
     assert _cuda.quant_matmul(x, qw, sc, qz, None, None, 4, 128, "gptq") == "cuda-result"
+    assert _cuda.quant_matmul(t(16, K), qw, sc, qz, None, None, 4, 128, "gptq") == "cuda-result"
     assert rec.calls[-1][2][-3:] == (4, 128, 1)  # v1: zero = stored + 1
     _cuda.quant_matmul(x, qw, sc, qz, None, None, 4, 128, "gptq_v2")
     assert rec.calls[-1][2][-1] == 0
@@ -172,7 +173,7 @@ def test_quant_matmul_routing(rec):
     for args in [
         (x, qw, sc, qz, None, None, 4, 128, "awq"),
         (x, torch.zeros(K * 3 // 32, N, dtype=torch.int32), sc, qz, None, None, 3, 128, "gptq"),
-        (t(33, K), qw, sc, qz, None, None, 4, 128, "gptq"),  # M > 32: the tiled GEMM
+        (t(17, K), qw, sc, qz, None, None, 4, 128, "gptq"),  # M > 16: one CUDA m-tile only
         (t(3, K, dtype=torch.float32), qw, sc, qz, None, None, 4, 128, "gptq"),
         (t(3, 8), torch.zeros(1, N, dtype=torch.int32), sc, qz, None, None, 4, 128, "gptq"),  # K % 16
         (x, torch.zeros(K // 8, 48, dtype=torch.int32), t(2, 48), qz, None, None, 4, 128, "gptq"),  # N % 32

@@ -20,7 +20,7 @@ mlp_projector               our LN -> cuBLAS -> bias+erf-GELU -> cuBLAS addmm   
 attention                   csrc/attention.cu (mma.sync flash attention)         fp32, head_dim not 64/128
 qk_norm_attention           rstd pre-pass + attention.cu applying the norm       fp32, head_dim not 64/128,
                             while loading q/k tiles                              mixed dtypes
-quant_matmul                csrc/quant_matmul.cu (GPTQ v1/v2, 4/8-bit, M<=32;   awq, 2/3-bit, fp32 x, M>32,
+quant_matmul                csrc/quant_matmul.cu (GPTQ v1/v2, 4/8-bit, M<=16;   awq, 2/3-bit, fp32 x, M>16,
                             exact-integer path when g_idx is None and            K%16 or N%32 != 0
                             group_size % 64 == 0)
 ==========================  ===================================================  ===============================
@@ -43,8 +43,9 @@ OPS = (
     "rms_norm", "layer_norm", "add_rms_norm", "add_layer_norm", "pixel_shuffle", "pixel_shuffle_layer_norm",
     "mlp_projector", "attention", "qk_norm_attention", "quant_matmul",
 )
-# quant_matmul: the CUDA kernel is the small-M (decode) kernel; larger M goes to Triton's tiled GEMM.
-QUANT_MATMUL_MAX_M = 32
+# quant_matmul: the CUDA kernel is the decode kernel for one 16-row m-tile (a CTA reads its weight slice once per
+# 16 rows, so M > 16 would re-read the weights); larger M goes to Triton (split-K up to 32 rows, then tiled GEMM).
+QUANT_MATMUL_MAX_M = 16
 _HALF = (torch.float16, torch.bfloat16)
 
 _ext = None  # the loaded extension module
