@@ -72,12 +72,13 @@ def check_against_reference(y, x, q, bits, gs, layout, bias=None, what=""):
     dtype = x.dtype
     assert y.dtype == dtype and y.shape[:-1] == x.shape[:-1], f"{what}: got {y.dtype} {tuple(y.shape)}"
     assert torch.isfinite(y).all(), f"{what}: non-finite output (unwritten poisoned element or overflow)"
-    w = dequantize(q["qweight"], q["scales"], q["qzeros"], q["g_idx"], bits, gs, layout).cpu().double()
-    xd = x.detach().cpu().double().reshape(-1, x.shape[-1])
+    # fp64 reference on the tensors' own device (full GPU shapes would take minutes in fp64 on the CPU)
+    w = dequantize(q["qweight"], q["scales"], q["qzeros"], q["g_idx"], bits, gs, layout).double()
+    xd = x.detach().double().reshape(-1, x.shape[-1])
     ref = xd @ w.t()
     if bias is not None:
-        ref = ref + bias.cpu().double()
-    yd = y.detach().cpu().double().reshape(ref.shape)
+        ref = ref + bias.double()
+    yd = y.detach().double().reshape(ref.shape)
     s = sqnr_db(yd, ref)
     assert s >= SQNR_MIN[dtype], f"{what}: SQNR {s:.1f} dB < {SQNR_MIN[dtype]} dB"
     K = x.shape[-1]
