@@ -82,8 +82,13 @@ def _qmm(backend):
 def test_quant_matmul_gpu(bench_run, benchmark, bench_device, shape, M, layout, bits, impl):
     if impl == "cuda" and "cuda" not in _backend.available_impls("quant_matmul"):
         pytest.skip("the CUDA extension (internvl_kernels._C) is not built: no 'cuda' quant_matmul to time")
-    if impl == "cuda" and (layout == "awq" or M > 32):
-        pytest.skip("the CUDA quant_matmul covers GPTQ at M <= 32 only; this row would time its Triton fallback")
+    if impl == "cuda":
+        from internvl_kernels.ops import _cuda
+
+        max_m = getattr(_cuda, "QUANT_MATMUL_MAX_M", 16)
+        if layout == "awq" or M > max_m:
+            pytest.skip(f"the CUDA quant_matmul covers GPTQ at M <= {max_m} only; this row would time its Triton "
+                        "fallback")
     K, N = SHAPES[shape]
     gs = 128
     dev = bench_device
