@@ -1,8 +1,8 @@
 """CI checks of the CUDA sources (csrc/) on a machine without a GPU.
 
 * every ``csrc/*.cu`` compiles with ``nvcc -c`` for sm_80 and sm_90a, with the flags torch's CUDAExtension adds,
-  without warnings, and ptxas reports no register spills in the attention / norm / shuffle kernels (skipped with a
-  reason when nvcc is absent);
+  without warnings, and ptxas reports no register spills and at most 48 KiB of static shared memory for any kernel
+  (skipped with a reason when nvcc is absent);
 * the kernel translation units stay plain CUDA (no torch / ATen / c10 headers) -- only csrc/bindings.cpp sees torch;
 * csrc/bindings.cpp passes ``-fsyntax-only`` against the installed (CPU) torch's headers plus the CUDA headers
   (the CPU wheel lacks one generated header, c10/cuda/impl/cuda_cmake_macros.h, which the test supplies);
@@ -11,8 +11,8 @@
   permuted-k fragments must give exact products, shared-memory writes must cover each slot once and ldmatrix phases
   must be bank-conflict-free; the pixel-shuffle gather map must equal the eager reference's permutation.
 
-The nvcc compiles run in parallel (one job per file, both archs in it); on the 2-core CI machine the module takes
-about a minute.
+The nvcc compiles run in parallel (one job per file, both archs in it): ~70 s of CPU in all (6 files x 2 archs
+~ 55 s, bindings -fsyntax-only ~ 15 s), i.e. about 40-60 s of wall time on the 2-core CI machine.
 """
 from __future__ import annotations
 
@@ -40,10 +40,8 @@ TORCH_NVCC_FLAGS = [
     "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
     "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC",
 ]
-# kernels whose ptxas report must show zero spills (quant_matmul's 8-bit variants are allowed a few bytes under
-# their 128-register cap; see the ptxas table printed by test_ptxas_report)
-NO_SPILL_KERNELS = ("attention_kernel", "norm_kernel", "pixel_shuffle", "qk_rstd_kernel", "bias_gelu_kernel")
-MAX_SPILL_BYTES = 64
+# ptxas must report no register spills (local memory) for any kernel; the table is printed by test_ptxas_report
+MAX_SPILL_BYTES = 0
 
 
 def _find_nvcc() -> str | None:
@@ -164,8 +162,6 @@ def test_ptxas_report(compiled, cu):
         assert regs <= 255
         assert smem <= 48 * 1024, f"{fn}: static smem {smem} > 48 KiB"
         assert st <= MAX_SPILL_BYTES and ld <= MAX_SPILL_BYTES, f"{fn} ({arch}) spills {st}/{ld} bytes"
-        if any(k in fn for k in NO_SPILL_KERNELS):
-            assert st == 0 and ld == 0, f"{fn} ({arch}) spills {st}/{ld} bytes"
 
 
 def test_kernels_are_plain_cuda():
