@@ -157,3 +157,29 @@ def test_pip_wheel_without_cuda_does_not_build(tmp_path):
     assert "has no CUDA" in log
     assert "building the CUDA extension" not in log
     assert "nvcc" not in log.lower().replace("no nvcc", "")
+
+
+def test_extension_object_in_the_build_branch(S, monkeypatch):
+    """The CUDA branch up to (not including) compilation: sources, flags, and the env it hands to torch's build."""
+    import torch.utils.cpp_extension as ce
+
+    monkeypatch.setattr(S, "cuda_build_plan", lambda *a, **k: (True, "test"))
+    monkeypatch.setattr(ce, "CUDA_HOME", ce.CUDA_HOME or "/usr/local/cuda")
+    saved = dict(os.environ)
+    try:
+        for key in ("TORCH_CUDA_ARCH_LIST", "MAX_JOBS", "NVCC_THREADS"):
+            os.environ.pop(key, None)
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "7.5;9.0"
+        exts, cmdclass = S.extensions()
+        assert os.environ["TORCH_CUDA_ARCH_LIST"] == "9.0"  # sm_75 dropped before torch reads it
+        assert os.environ["MAX_JOBS"] and os.environ["NVCC_THREADS"] == "2"
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    (ext,) = exts
+    assert ext.name == "internvl_kernels._C"
+    srcs = sorted(os.path.basename(s) for s in ext.sources)
+    assert "bindings.cpp" in srcs and {p.name for p in (ROOT / "csrc").glob("*.cu")} <= set(srcs)
+    assert not [s for s in ext.sources if "/test/" in s.replace(os.sep, "/")]  # the host emulation stays out
+    assert "--threads" in ext.extra_compile_args["nvcc"]
+    assert "build_ext" in cmdclass
