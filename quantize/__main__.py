@@ -1,10 +1,7 @@
+"""``python -m quantize`` — see :mod:`quantize.cli` (``python -m quantize --help``)."""
 import sys
 
-
-def main(argv=None):
-    print("python -m quantize: not built yet", file=sys.stderr)
-    return 2
-
+from quantize.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

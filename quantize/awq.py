@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ._threads import single_thread_on_cpu
 from .result import QuantResult
 from .rtn import check_bits_group, quantize_grouped
 
@@ -90,6 +91,11 @@ def search_scale(x_mean: torch.Tensor, weights: Sequence[torch.Tensor], forward:
 def search_clip(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, sym: bool = False, min_zero: int = 0,
                 n_grid: int = 20, max_shrink: float = 0.5, chunk: int = 4096) -> torch.Tensor:
     """Per (row, group) range shrink ratio ``[out, groups]`` minimising ``eᵀ C_g e`` (see module docstring)."""
+    with single_thread_on_cpu(W.device):
+        return _search_clip(W, H, bits, group_size, sym, min_zero, n_grid, max_shrink, chunk)
+
+
+def _search_clip(W, H, bits, group_size, sym, min_zero, n_grid, max_shrink, chunk):
     out_f, in_f = W.shape
     gs = check_bits_group(bits, group_size, in_f)
     W = W.to(torch.float32)

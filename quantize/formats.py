@@ -56,6 +56,8 @@ from typing import Sequence
 
 import torch
 
+from ._threads import cpu_single_threaded
+
 __all__ = [
     "SUPPORTED_BITS",
     "AWQ_ORDER",
@@ -119,6 +121,7 @@ def _layout(bits: int) -> tuple[int, int]:
     return period_bits // bits, period_bits // 32
 
 
+@cpu_single_threaded
 def pack_bits(values: torch.Tensor, bits: int, dim: int = 0) -> torch.Tensor:
     """Pack ``values`` (ints in ``[0, 2**bits)``) along ``dim`` into int32 as a little-endian bit stream.
 
@@ -148,6 +151,7 @@ def pack_bits(values: torch.Tensor, bits: int, dim: int = 0) -> torch.Tensor:
     return _to_int32(out).movedim(0, dim).contiguous()
 
 
+@cpu_single_threaded
 def unpack_bits(packed: torch.Tensor, bits: int, dim: int = 0) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: int32 words along ``dim`` → int32 values in ``[0, 2**bits)``."""
     _check_bits(bits)

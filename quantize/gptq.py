@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from ._threads import single_thread_on_cpu
 from .result import QuantResult
 from .rtn import check_bits_group, dequantize_codes, fit_params, quantize_codes
 
@@ -73,6 +74,11 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_si
                   act_order: bool = False, static_groups: bool = False, damp: float = 0.01, blocksize: int = 128,
                   min_zero: int = 0) -> QuantResult:
     """GPTQ one Linear ``weight [out, in]`` given its Hessian ``H [in, in]`` (fp32; not modified)."""
+    with single_thread_on_cpu(weight.device):
+        return _gptq_quantize(weight, H, bits, group_size, sym, act_order, static_groups, damp, blocksize, min_zero)
+
+
+def _gptq_quantize(weight, H, bits, group_size, sym, act_order, static_groups, damp, blocksize, min_zero):
     out_f, in_f = weight.shape
     gs = check_bits_group(bits, group_size, in_f)
     if H.shape != (in_f, in_f):

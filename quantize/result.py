@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import formats
+from ._threads import single_thread_on_cpu
 
 __all__ = ["QuantResult"]
 
@@ -45,8 +46,9 @@ class QuantResult:
     @property
     def dequantized_stored(self) -> torch.Tensor:
         """``(q - zero[g_idx]) * scale[g_idx]`` — what the packed tensors decode to (fp32)."""
-        g = self.g_idx.long()
-        return (self.intweight.to(torch.float32) - self.zeros.to(torch.float32)[g].t()) * self.scales[g].t()
+        with single_thread_on_cpu(self.intweight.device):
+            g = self.g_idx.long()
+            return (self.intweight.to(torch.float32) - self.zeros.to(torch.float32)[g].t()) * self.scales[g].t()
 
     @property
     def dequantized(self) -> torch.Tensor:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from ._threads import cpu_single_threaded
 from .result import QuantResult
 
 __all__ = ["fit_params", "quantize_codes", "dequantize_codes", "rtn_quantize", "check_bits_group"]
@@ -96,32 +97,42 @@ def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -
     return (q - zero) * scale
 
 
+@cpu_single_threaded
 def quantize_grouped(w: torch.Tensor, bits: int, group_size: int, sym: bool, style: str = "gptq", min_zero: int = 0,
                      clip: torch.Tensor | None = None):
     """Plain per-group RTN of ``w [out, in]`` with contiguous groups (partial last group allowed).
 
     ``clip`` [out, groups] optionally shrinks each group's range (AWQ clipping): the fit uses the weights clamped to
     ``clip * [min, max]``. Returns ``(codes [out,in] fp32, scales [G,out], zeros [G,out], dequant [out,in])``.
+    All full groups are processed at once (``[out·G, group]`` rows), the partial last group separately.
     """
     out_f, in_f = w.shape
     gs = check_bits_group(bits, group_size, in_f)
     w = w.to(torch.float32)
+    n_full = in_f // gs
+    pieces = []  # (column slice, rows [out*g, cols], clip rows or None, groups in piece)
+    if n_full:
+        wf = w[:, :n_full * gs].reshape(out_f * n_full, gs)
+        cf = clip[:, :n_full].reshape(-1, 1) if clip is not None else None
+        pieces.append((slice(0, n_full * gs), wf, cf, n_full))
+    if in_f % gs:
+        wp = w[:, n_full * gs:]
+        cp = clip[:, n_full:n_full + 1] if clip is not None else None
+        pieces.append((slice(n_full * gs, in_f), wp, cp, 1))
     codes = torch.empty_like(w)
     deq = torch.empty_like(w)
     scales, zeros = [], []
-    for gi, c0 in enumerate(range(0, in_f, gs)):
-        wg = w[:, c0:c0 + gs]
-        if clip is not None:
-            r = clip[:, gi:gi + 1]
-            lo, hi = wg.amin(1, keepdim=True) * r, wg.amax(1, keepdim=True) * r
-            wg = torch.maximum(torch.minimum(wg, hi), lo)
-        s, z = fit_params(wg, bits, sym, style, min_zero)
-        q = quantize_codes(wg, s, z, bits)
-        codes[:, c0:c0 + gs] = q
-        deq[:, c0:c0 + gs] = dequantize_codes(q, s, z)
-        scales.append(s)
-        zeros.append(z)
-    return codes, torch.stack(scales), torch.stack(zeros), deq
+    for cols, rows, c, ng in pieces:
+        if c is not None:
+            lo, hi = rows.amin(1, keepdim=True) * c, rows.amax(1, keepdim=True) * c
+            rows = torch.maximum(torch.minimum(rows, hi), lo)
+        s, z = fit_params(rows, bits, sym, style, min_zero)
+        q = quantize_codes(rows, s, z, bits)
+        codes[:, cols] = q.reshape(out_f, -1)
+        deq[:, cols] = dequantize_codes(q, s, z).reshape(out_f, -1)
+        scales.append(s.reshape(out_f, ng).t())
+        zeros.append(z.reshape(out_f, ng).t())
+    return codes, torch.cat(scales), torch.cat(zeros), deq
 
 
 def rtn_quantize(weight: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bool = False, min_zero: int = 0

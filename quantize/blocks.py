@@ -1,0 +1,129 @@
+"""Block adapters: what the pipeline needs to know about one transformer block of each supported kind.
+
+* :class:`VitBlock` — ``InternVisionEncoderLayer`` (InternViT-6B: RMSNorm, packed ``attn.qkv`` without bias, QK-norm;
+  InternViT-300M: LayerNorm, qkv bias). True-sequential groups ``[qkv] → [proj] → [fc1] → [fc2]``. AWQ scale
+  groups: ``norm1 → qkv`` (inspect: the whole attention), ``v-rows of qkv → proj`` (inspect: proj),
+  ``norm2 → fc1`` (inspect: the MLP). fc2 gets no scale (GELU sits between fc1 and fc2; scales only fold through
+  linear ops) but does get the clipping search.
+* :class:`LlamaBlock` — transformers ``LlamaDecoderLayer`` (and the same module names in Mistral/Qwen2-style
+  layers). Groups ``[q, k, v] → [o] → [gate, up] → [down]``. AWQ: ``input_layernorm → q/k/v`` (inspect: self_attn),
+  ``v → o`` only when ``v.out_features == o.in_features`` (no GQA), ``post_attention_layernorm → gate/up``
+  (inspect: mlp), ``up → down`` (inspect: down).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+__all__ = ["ScaleGroup", "VitBlock", "LlamaBlock", "fold_scale"]
+
+
+@dataclass
+class ScaleGroup:
+    """Linears sharing one input whose AWQ scale is folded into ``prev``.
+
+    ``prev_kind``: "norm" (RMSNorm/LayerNorm: weight and bias divided) or "rows" (rows ``prev_rows`` of the Linear
+    ``prev`` divided). ``inspect``: the module whose output is compared during the search (its first input is the
+    group's input).
+    """
+
+    name: str
+    prev: nn.Module
+    prev_kind: str
+    linears: list[str]
+    inspect: nn.Module
+    prev_rows: slice | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def fold_scale(group: ScaleGroup, linears: dict[str, nn.Linear], s: torch.Tensor) -> None:
+    """Apply ``s`` exactly: previous op ÷ s (its output channels), the group's Linears' input columns × s."""
+    with torch.no_grad():
+        if group.prev_kind == "norm":
+            w = group.prev.weight
+            w.copy_((w.to(torch.float32) / s.to(w.device)).to(w.dtype))
+            b = getattr(group.prev, "bias", None)
+            if b is not None:
+                b.copy_((b.to(torch.float32) / s.to(b.device)).to(b.dtype))
+        elif group.prev_kind == "rows":
+            rows = group.prev_rows or slice(None)
+            w = group.prev.weight
+            w[rows] = (w[rows].to(torch.float32) / s.to(w.device)[:, None]).to(w.dtype)
+            if group.prev.bias is not None:
+                b = group.prev.bias
+                b[rows] = (b[rows].to(torch.float32) / s.to(b.device)).to(b.dtype)
+        else:
+            raise ValueError(f"unknown prev_kind {group.prev_kind!r}")
+        for name in group.linears:
+            lin = linears[name]
+            lin.weight.copy_((lin.weight.to(torch.float32) * s.to(lin.weight.device)[None, :]).to(lin.weight.dtype))
+
+
+class _Block:
+    kind = "block"
+    sequential: list[list[str]] = []
+    no_clip: set[str] = set()
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def linears(self) -> dict[str, nn.Linear]:
+        return {name: self.module.get_submodule(name) for group in self.sequential for name in group}
+
+    def forward(self, x: torch.Tensor, kwargs: dict | None) -> torch.Tensor:
+        out = self.module(x, **(kwargs or {}))
+        return out[0] if isinstance(out, tuple) else out
+
+    def scale_groups(self) -> list[ScaleGroup]:
+        raise NotImplementedError
+
+
+class VitBlock(_Block):
+    kind = "internvit"
+    sequential = [["attn.qkv"], ["attn.proj"], ["mlp.fc1"], ["mlp.fc2"]]
+    no_clip = {"attn.qkv"}  # produces attention logits (q, k) — AutoAWQ skips clipping there too
+
+    def scale_groups(self) -> list[ScaleGroup]:
+        m = self.module
+        C = m.attn.proj.in_features
+        return [
+            ScaleGroup("norm1->qkv", m.norm1, "norm", ["attn.qkv"], m.attn),
+            ScaleGroup("v->proj", m.attn.qkv, "rows", ["attn.proj"], m.attn.proj, prev_rows=slice(2 * C, 3 * C)),
+            ScaleGroup("norm2->fc1", m.norm2, "norm", ["mlp.fc1"], m.mlp),
+        ]
+
+
+class LlamaBlock(_Block):
+    kind = "llama"
+    sequential = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                  ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+    no_clip = {"self_attn.q_proj", "self_attn.k_proj"}
+
+    def forward(self, x, kwargs):
+        out = self.module(x, **(kwargs or {}))
+        return out[0] if isinstance(out, tuple) else out
+
+    def scale_groups(self) -> list[ScaleGroup]:
+        m = self.module
+        groups = [ScaleGroup("input_layernorm->qkv", m.input_layernorm, "norm",
+                             ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], m.self_attn)]
+        v, o = m.self_attn.v_proj, m.self_attn.o_proj
+        if v.out_features == o.in_features:  # not GQA: v's output channels are o's input channels one to one
+            groups.append(ScaleGroup("v->o", v, "rows", ["self_attn.o_proj"], o))
+        groups.append(ScaleGroup("post_attention_layernorm->gate_up", m.post_attention_layernorm, "norm",
+                                 ["mlp.gate_proj", "mlp.up_proj"], m.mlp))
+        groups.append(ScaleGroup("up->down", m.mlp.up_proj, "rows", ["mlp.down_proj"], m.mlp.down_proj))
+        return groups
+
+
+def adapter_for(module: nn.Module) -> _Block:
+    names = {n for n, _ in module.named_modules()}
+    if {"attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "norm1", "norm2"} <= names:
+        return VitBlock(module)
+    if {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+            "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm"} <= names:
+        return LlamaBlock(module)
+    raise ValueError(f"unsupported block type {type(module).__name__}: expected an InternViT encoder layer or a "
+                     "Llama-style decoder layer (q/k/v/o_proj, gate/up/down_proj)")

@@ -1,0 +1,179 @@
+"""``python -m quantize``: GPTQ / AWQ / RTN for InternVL-Chat (ViT and LLM), standalone InternViT, or a Llama LLM.
+
+Without ``--model`` it runs the self-contained demo (see :mod:`quantize.demo`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+
+EPILOG = """\
+examples:
+  python -m quantize --bits 4                                   # the CPU demo (SmolLM2-135M + random InternViT)
+  python -m quantize --model InternVL-Chat-V1-5 --bits 4 --group-size 128 --method gptq --act-order \\
+      --device cuda --out InternVL-Chat-V1-5-W4g128
+  python -m quantize --model InternVL-Chat-V1-2 --method awq --parts llm --format awq --out V1-2-AWQ
+exit codes: 0 success, 2 bad arguments / data / checkpoint (message on stderr), 1 unexpected error.
+"""
+
+
+def _size(s: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*", s, re.I)
+    if not m:
+        raise argparse.ArgumentTypeError(f"invalid size {s!r} (e.g. 5GB, 500MB)")
+    unit = (m.group(2) or "B").upper().rstrip("B").rstrip("I")
+    mult = {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4}[unit]
+    return int(float(m.group(1)) * mult)
+
+
+def _group(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid group size {s!r}: an integer (e.g. 128) or -1")
+    if v != -1 and v <= 0:
+        raise argparse.ArgumentTypeError(f"invalid group size {v}: positive or -1 (one group per row)")
+    return v
+
+
+def _pos_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer {s!r}")
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m quantize", description=__doc__, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p.add_argument("--model", metavar="PATH", help="InternVL-Chat folder, standalone InternViT folder, or a "
+                   "transformers Llama-style LLM folder (omit to run the demo)")
+    p.add_argument("--bits", type=int, choices=(2, 3, 4, 8), default=4)
+    p.add_argument("--group-size", type=_group, default=None,
+                   help="input channels per scale/zero group, or -1 (default 128; demo 64)")
+    p.add_argument("--method", choices=("gptq", "awq", "rtn"), default="gptq")
+    p.add_argument("--sym", action="store_true", help="symmetric quantization (zero = 2**(bits-1))")
+    p.add_argument("--act-order", action="store_true", help="GPTQ desc_act: columns in descending Hessian diagonal")
+    p.add_argument("--static-groups", action="store_true", help="GPTQ: fit groups before act-order permutation "
+                   "(natural g_idx)")
+    p.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, fraction of mean(diag H) (default 0.01)")
+    p.add_argument("--parts", default=None, help="comma list of vision,llm (default: every part the checkpoint has)")
+    p.add_argument("--skip", action="append", default=[], metavar="PATTERN",
+                   help="glob of Linear names to keep 16-bit (repeatable or comma-separated), "
+                        "e.g. 'language_model.model.layers.0.*'")
+    p.add_argument("--format", dest="fmt", choices=("gptq", "gptq_v2", "awq"), default=None,
+                   help="on-disk format (default: awq for --method awq, else gptq = AutoGPTQ v1)")
+    p.add_argument("--calib-images", metavar="DIR", help="calibration images (default: skimage.data photos)")
+    p.add_argument("--calib-text", metavar="FILE", help="calibration text, plain or wiki JSON "
+                   "(default: Wikipedia intros, calibration split)")
+    p.add_argument("--nsamples", type=_pos_int, default=None, help="LLM calibration windows (default 128; demo 16)")
+    p.add_argument("--seqlen", type=_pos_int, default=None, help="tokens per window (default 512; demo 256)")
+    p.add_argument("--max-calib-images", type=_pos_int, default=None)
+    p.add_argument("--max-tiles", type=_pos_int, default=None, help="dynamic tiling max tiles for calibration images")
+    p.add_argument("--mm-samples", type=_pos_int, default=None,
+                   help="image+text chat-path samples added to the LLM calibration (default 4; demo 2)")
+    p.add_argument("--eval-windows", type=_pos_int, default=None, help="held-out text windows (default 16; demo 8)")
+    p.add_argument("--eval-images", type=_pos_int, default=None, help="held-out photos (default 4; demo 2)")
+    p.add_argument("--batch-size", type=_pos_int, default=4)
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    p.add_argument("--dtype", choices=("auto", "float16", "bfloat16", "float32"), default="auto",
+                   help="compute/save dtype of the unquantized tensors (default: the checkpoint's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=_pos_int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--out", metavar="DIR", default=None,
+                   help="output folder (default ./quantized-demo for the demo, ./<model>-<method>-w<bits>g<group>)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--max-shard-size", type=_size, default=_size("5GB"))
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-write", action="store_true", help="measure only; write no checkpoint")
+    p.add_argument("--json", action="store_true", help="print the report as JSON instead of the summary")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _main(args)
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+def _main(args) -> int:
+    import torch
+
+    from .calib import CalibrationError
+    from .pipeline import QuantSettings
+    from .report import format_report
+    from .runner import QuantizeError, RunConfig, load_model, run
+
+    demo = args.model is None
+    try:
+        if demo:
+            from .demo import DEMO_DEFAULTS, DEMO_DESCRIPTION
+
+            d = DEMO_DEFAULTS
+            print(DEMO_DESCRIPTION, flush=True)
+        else:
+            d = {"group_size": 128, "nsamples": 128, "seqlen": 512, "eval_windows": 16, "eval_images": 4,
+                 "mm_samples": 4, "max_calib_images": None, "max_tiles": None}
+        pick = lambda v, k: d[k] if v is None else v  # noqa: E731
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            dev = torch.device(device)
+        except RuntimeError as e:
+            raise QuantizeError(f"--device: {e}") from e
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise QuantizeError(f"--device {device}: CUDA is not available on this machine")
+        if dev.type not in ("cpu", "cuda"):
+            raise QuantizeError(f"--device {device}: only cpu and cuda are supported")
+        fmt = args.fmt or ("awq" if args.method == "awq" else "gptq")
+        gs = pick(args.group_size, "group_size")
+        parts = tuple(p.strip() for p in args.parts.split(",") if p.strip()) if args.parts else ("vision", "llm")
+        skip = tuple(s.strip() for item in args.skip for s in item.split(",") if s.strip())
+        st = QuantSettings(method=args.method, bits=args.bits, group_size=gs, sym=args.sym, act_order=args.act_order,
+                           static_groups=args.static_groups, damp=args.damp, fmt=fmt, skip=skip, device=str(dev),
+                           seed=args.seed, progress=not args.no_progress)
+        if args.act_order and args.method != "gptq":
+            raise QuantizeError(f"--act-order is a GPTQ option; --method {args.method} does not use it")
+        if not 0 < args.damp < 10:
+            raise QuantizeError(f"--damp must be in (0, 10), got {args.damp}")
+        dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        torch.manual_seed(args.seed)
+        if demo:
+            from .demo import build_demo_model
+
+            lm = build_demo_model(seed=args.seed, dtype=dtype or torch.float32)
+            out = args.out or d["out"]
+        else:
+            lm = load_model(args.model, dtype)
+            out = args.out or os.path.join(".", f"{os.path.basename(os.path.normpath(args.model))}-{args.method}"
+                                                f"-w{args.bits}g{gs}")
+        rc = RunConfig(settings=st, parts=parts, nsamples=pick(args.nsamples, "nsamples"),
+                       seqlen=pick(args.seqlen, "seqlen"), calib_images=args.calib_images, calib_text=args.calib_text,
+                       max_calib_images=pick(args.max_calib_images, "max_calib_images"),
+                       max_tiles=pick(args.max_tiles, "max_tiles"), eval_windows=pick(args.eval_windows, "eval_windows"),
+                       eval_images=pick(args.eval_images, "eval_images"), mm_samples=pick(args.mm_samples, "mm_samples"),
+                       batch_size=max(1, args.batch_size), out=out, overwrite=args.overwrite,
+                       max_shard_size=args.max_shard_size, write=not args.no_write)
+        report = run(rc, lm)
+    except (QuantizeError, CalibrationError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if demo:
+        report["demo"] = DEMO_DESCRIPTION
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_report(report))
+        if demo:
+            print("(this was the DEMO: real SmolLM2-135M LLM + random-init InternViT; see the first line)")
+    return 0

@@ -1,0 +1,432 @@
+"""Block-by-block, true-sequential quantization of a whole model (InternViT and/or the LLM).
+
+For every block, in order:
+
+1. the block is moved to ``device`` (everything else stays in CPU memory);
+2. the held-out *float* stream is pushed through the still-float block (for the before/after metrics);
+3. the block is quantized from the calibration stream — which holds the outputs of the already-quantized previous
+   blocks — with
+   * **GPTQ**: one pass per true-sequential group (``[qkv] → [proj] → [fc1] → [fc2]`` for InternViT,
+     ``[q,k,v] → [o] → [gate,up] → [down]`` for Llama), accumulating each Linear's Hessian with the earlier groups
+     of the block already quantized (the pass stops as soon as the group's inputs are captured);
+   * **AWQ**: one capture pass, the scale search per group on the float block, folding, clipping search, RTN;
+   * **RTN**: no calibration;
+   and every quantized Linear's weight is replaced by its dequantized value (fake-quant);
+4. the calibration stream and the held-out *quantized* stream are pushed through the quantized block;
+5. the block goes back to the CPU.
+
+Nothing but one block and the activation streams is ever on the device, so InternViT-6B and a 34B LLM quantize on
+one GPU. The final LLM norm + lm_head are moved to the device only to compute the held-out perplexities.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from .awq import awq_finalize, search_clip, search_scale
+from .blocks import adapter_for, fold_scale
+from .gptq import Hessian, gptq_quantize
+from .result import QuantResult
+from .rtn import check_bits_group, rtn_quantize
+
+__all__ = ["QuantSettings", "PipelineResult", "quantize_stack", "Stream", "vision_stream", "llm_streams",
+           "perplexity", "sqnr_db", "run_pipeline"]
+
+
+class _Stop(Exception):
+    pass
+
+
+@dataclass
+class QuantSettings:
+    method: str = "gptq"
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = False
+    act_order: bool = False
+    static_groups: bool = False
+    damp: float = 0.01
+    fmt: str = "gptq"
+    skip: tuple = ()
+    device: str = "cpu"
+    seed: int = 0
+    blocksize: int = 128
+    awq_search_tokens: int = 16384
+    progress: bool = True
+
+    @property
+    def min_zero(self) -> int:
+        # GPTQ v1 stores zero-1: keep every zero point >= 1 (symmetric zeros are 2**(bits-1) anyway)
+        return 1 if (self.fmt == "gptq" and not self.sym) else 0
+
+
+@dataclass
+class PipelineResult:
+    results: dict = field(default_factory=dict)  # full module name -> QuantResult
+    layers: list = field(default_factory=list)  # per-Linear report rows
+    skipped: dict = field(default_factory=dict)  # full module name -> reason
+    metrics: dict = field(default_factory=dict)
+    blocks: list = field(default_factory=list)  # per-block report rows
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+class Stream(list):
+    """A list of ``(hidden [b, S, C], kwargs | None)`` batches."""
+
+
+def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
+    ref = ref.to(torch.float64)
+    noise = (ref - test.to(torch.float64)).pow(2).sum()
+    sig = ref.pow(2).sum()
+    if noise == 0:
+        return float("inf")
+    return float(10 * torch.log10(sig / noise))
+
+
+def _first_tensor(args, kwargs):
+    if args:
+        return args[0], None
+    for k in ("hidden_states", "x", "input"):
+        if k in kwargs:
+            return kwargs[k], k
+    raise RuntimeError("cannot find the input tensor of an inspected module")
+
+
+def _call_inspect(module, x, rec):
+    args, kwargs, key = rec
+    out = module(**{**kwargs, key: x}) if key else module(x, *args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _should_skip(name: str, patterns) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _storable(lin: nn.Linear, st: QuantSettings) -> str | None:
+    from . import formats
+
+    if st.fmt == "awq":
+        return formats.check_awq_shape(lin.in_features, lin.out_features, st.group_size, st.bits)
+    return formats.check_gptq_shape(lin.in_features, lin.out_features, st.bits, strict=True)
+
+
+def _set_weight(lin: nn.Linear, w: torch.Tensor) -> None:
+    with torch.no_grad():
+        lin.weight.copy_(w.to(lin.weight.dtype))
+
+
+# ---------------------------------------------------------------------------------------------------- per block
+def _quantize_block(ad, prefix: str, calib: Stream, st: QuantSettings, res: PipelineResult) -> None:
+    linears = ad.linears()
+    todo = {}
+    for name, lin in linears.items():
+        full = f"{prefix}.{name}"
+        if _should_skip(full, st.skip):
+            res.skipped[full] = "matched --skip"
+            continue
+        why = _storable(lin, st)
+        if why:
+            res.skipped[full] = f"not storable as {st.fmt}: {why}"
+            continue
+        todo[name] = lin
+    if not todo:
+        return
+    if st.method == "rtn":
+        for name, lin in todo.items():
+            t0 = time.perf_counter()
+            r = rtn_quantize(lin.weight.data, st.bits, st.group_size, st.sym, st.min_zero)
+            _finish(res, prefix, name, lin, r, None, lin.weight.data, time.perf_counter() - t0)
+        return
+    if st.method == "gptq":
+        _gptq_block(ad, prefix, calib, st, res, todo)
+    elif st.method == "awq":
+        _awq_block(ad, prefix, calib, st, res, todo)
+    else:
+        raise ValueError(f"unknown method {st.method!r}")
+
+
+def _finish(res, prefix, name, lin, r: QuantResult, H, w_ref, seconds, extra=None):
+    full = f"{prefix}.{name}"
+    row = {"name": full, "shape": [lin.out_features, lin.in_features], "method": r.method, "bits": r.bits,
+           "group_size": r.group_size, "weight_rel_err": r.relative_error(w_ref),
+           "output_rel_err": r.relative_error(w_ref, H) if H is not None else None, "seconds": round(seconds, 3)}
+    for k in ("damp", "dead_columns"):
+        if k in r.info:
+            row[k] = r.info[k]
+    if extra:
+        row.update(extra)
+    res.layers.append(row)
+    _set_weight(lin, r.dequantized_stored)
+    res.results[full] = r.to("cpu")
+
+
+def _run(ad, calib: Stream, stop_hooks=None):
+    for x, kw in calib:
+        try:
+            ad.forward(x, kw)
+        except _Stop:
+            pass
+
+
+def _gptq_block(ad, prefix, calib, st, res, todo):
+    for group in ad.sequential:
+        names = [n for n in group if n in todo]
+        if not names:
+            continue
+        hs = {n: Hessian(todo[n].in_features, device=todo[n].weight.device) for n in names}
+        fired: set = set()
+        handles = []
+
+        def make_hook(n):
+            def hook(mod, args):
+                hs[n].add(args[0])
+                fired.add(n)
+                if len(fired) == len(names):
+                    raise _Stop  # all inputs of this group captured: skip the rest of the block
+            return hook
+
+        for n in names:
+            handles.append(todo[n].register_forward_pre_hook(make_hook(n)))
+        try:
+            for x, kw in calib:
+                fired.clear()
+                try:
+                    ad.forward(x, kw)
+                except _Stop:
+                    pass
+        finally:
+            for h in handles:
+                h.remove()
+        for n in names:
+            lin = todo[n]
+            t0 = time.perf_counter()
+            w = lin.weight.data
+            r = gptq_quantize(w, hs[n].H, st.bits, st.group_size, st.sym, st.act_order, st.static_groups, st.damp,
+                              st.blocksize, st.min_zero)
+            _finish(res, prefix, n, lin, r, hs[n].H / 2, w.clone(), time.perf_counter() - t0)
+            del hs[n]
+
+
+def _awq_block(ad, prefix, calib, st, res, todo):
+    linears = ad.linears()
+    groups = ad.scale_groups()
+    # 1. capture: the inputs (and call arguments) of every inspected module + every Linear's Gram matrix
+    recs = {g.name: [] for g in groups}
+    hs = {n: Hessian(lin.in_features, device=lin.weight.device) for n, lin in linears.items()}
+    handles = []
+    for g in groups:
+        def make(gname):
+            def hook(mod, args, kwargs):
+                x, key = _first_tensor(args, kwargs)
+                rest_args = args[1:] if key is None else args
+                rest_kw = {k: v for k, v in kwargs.items() if k != key}
+                recs[gname].append((x.detach(), (rest_args, rest_kw, key)))
+            return hook
+        handles.append(g.inspect.register_forward_pre_hook(make(g.name), with_kwargs=True))
+    for n, lin in linears.items():
+        def make_h(n):
+            def hook(mod, args):
+                hs[n].add(args[0])
+            return hook
+        handles.append(lin.register_forward_pre_hook(make_h(n)))
+    try:
+        with torch.no_grad():
+            _run(ad, calib)
+    finally:
+        for h in handles:
+            h.remove()
+    # 2. scale search per group on the float block (every Linear of the group replaced by Q(W·s)/s)
+    scales, infos = {}, {}
+    for g in groups:
+        members = [n for n in g.linears if n in todo]
+        if not members:
+            continue
+        x_mean = torch.cat([x.reshape(-1, x.shape[-1]).abs().to(torch.float32) for x, _ in recs[g.name]]).mean(0)
+        xs, ntok = [], 0
+        for x, rec in recs[g.name]:  # the search runs ~21 forwards: on at most awq_search_tokens tokens
+            if ntok >= st.awq_search_tokens:
+                break
+            xs.append((x, rec))
+            ntok += x.numel() // x.shape[-1]
+        with torch.no_grad():
+            ref = torch.cat([_call_inspect(g.inspect, x, rec).to(torch.float32).reshape(-1) for x, rec in xs])
+        weights = [linears[n].weight.data.clone() for n in members]
+
+        def forward(effs, g=g, xs=xs, members=members, weights=weights):
+            try:
+                for n, e in zip(members, effs):
+                    linears[n].weight.data = e.to(linears[n].weight.dtype)
+                with torch.no_grad():
+                    return torch.cat([_call_inspect(g.inspect, x, rec).to(torch.float32).reshape(-1) for x, rec in xs])
+            finally:
+                for n, w in zip(members, weights):
+                    linears[n].weight.data = w
+
+        s, info = search_scale(x_mean, weights, forward, ref, st.bits, st.group_size, st.sym, st.min_zero)
+        scales[g.name] = s
+        infos[g.name] = info
+        del ref
+    recs.clear()
+    # 3. fold the scales exactly into the preceding ops; the Gram matrices follow (x → x / s)
+    in_scale = {}
+    for g in groups:
+        if g.name not in scales:
+            continue
+        s = scales[g.name]
+        fold_scale(g, linears, s)
+        for n in g.linears:
+            in_scale[n] = (s, g.name)
+    # 4. clipping search + round-to-nearest
+    for n, lin in todo.items():
+        t0 = time.perf_counter()
+        H = hs[n].H / 2
+        extra = {}
+        if n in in_scale:
+            s, gname = in_scale[n]
+            s = s.to(H.device)
+            H = H / s[:, None] / s[None, :]
+            extra = {"awq_group": gname, "awq_alpha": infos[gname]["alpha"]}
+        W = lin.weight.data.to(torch.float32)
+        clip = None if n in ad.no_clip else search_clip(W, H, st.bits, st.group_size, st.sym, st.min_zero)
+        r = awq_finalize(W, st.bits, st.group_size, st.sym, clip, st.min_zero, lin.weight.dtype,
+                         info=infos.get(in_scale.get(n, (None, None))[1], {}))
+        _finish(res, prefix, n, lin, r, H, W, time.perf_counter() - t0, extra)
+
+
+# ---------------------------------------------------------------------------------------------------- stacks
+def quantize_stack(blocks, prefix: str, calib: Stream, st: QuantSettings, res: PipelineResult,
+                   held: tuple[Stream, Stream] | None = None, feature_index: int | None = None,
+                   desc: str = "blocks", snapshot_calib: bool = False):
+    """Quantize ``blocks`` (an nn.ModuleList) in order. Returns ``(calib, held_float, held_quant, snapshots)``.
+
+    ``feature_index``: after how many blocks to snapshot the streams (the feature a downstream consumer reads);
+    ``snapshots`` holds ``{"held": (float, quant), "calib": calib}`` at that point.
+    """
+    from tqdm.auto import tqdm
+
+    dev = torch.device(st.device)
+    held_f, held_q = held if held is not None else (Stream(), Stream())
+    snaps = {}
+    if feature_index == 0:
+        snaps = {"held": (held_f, held_q), "calib": calib}
+    n = len(blocks)
+    bar = tqdm(range(n), desc=f"{desc} [{st.method} W{st.bits} g{st.group_size}]", disable=not st.progress,
+               unit="block", dynamic_ncols=True)
+    for i in bar:
+        blk = blocks[i]
+        home = next(blk.parameters()).device
+        blk.to(dev)
+        ad = adapter_for(blk)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            held_f = Stream((ad.forward(x, kw), kw) for x, kw in held_f)
+        _quantize_block(ad, f"{prefix}.{i}", calib, st, res)
+        with torch.no_grad():
+            calib = Stream((ad.forward(x, kw), kw) for x, kw in calib)
+            held_q = Stream((ad.forward(x, kw), kw) for x, kw in held_q)
+        row = {"block": f"{prefix}.{i}", "seconds": round(time.perf_counter() - t0, 3)}
+        if held_f:
+            row["heldout_sqnr_db"] = sqnr_db(torch.cat([x.reshape(-1) for x, _ in held_f]),
+                                             torch.cat([x.reshape(-1) for x, _ in held_q]))
+            bar.set_postfix(sqnr=f"{row['heldout_sqnr_db']:.1f}dB")
+        res.blocks.append(row)
+        blk.to(home)
+        if feature_index is not None and i + 1 == feature_index:
+            snaps = {"held": (held_f, held_q), "calib": calib}
+    return calib, held_f, held_q, snaps
+
+
+def vision_stream(vision_model, pixel_batches, device, batch_tiles: int = 8) -> Stream:
+    """Embeddings of every tile, in batches of ``batch_tiles`` → :class:`Stream` (on ``device``)."""
+    emb = vision_model.embeddings
+    home = next(emb.parameters()).device
+    emb.to(device)
+    dtype = emb.patch_embedding.weight.dtype
+    out = Stream()
+    tiles = torch.cat(list(pixel_batches)) if pixel_batches else None
+    if tiles is not None:
+        with torch.no_grad():
+            for chunk in torch.split(tiles, batch_tiles):
+                out.append((emb(chunk.to(device, dtype)), None))
+    emb.to(home)
+    return out
+
+
+def llm_streams(causal_lm, batches, device) -> Stream:
+    """Inputs of decoder layer 0 (hidden + call kwargs) for each batch.
+
+    ``batches``: list of ``{"input_ids": [b, S]}`` or ``{"inputs_embeds": [b, S, H]}``. Runs the model's own
+    embedding / mask / rotary code (moved to ``device`` for the occasion) and stops at layer 0.
+    """
+    base = causal_lm.model
+    layer0 = base.layers[0]
+    captured = Stream()
+
+    def hook(mod, args, kwargs):
+        x = args[0] if args else kwargs.pop("hidden_states")
+        kw = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
+        kw["use_cache"] = False
+        captured.append((x.detach(), kw))
+        raise _Stop
+
+    movable = [m for n, m in base.named_children() if n not in ("layers",)]
+    homes = [next(m.parameters(), torch.empty(0)).device for m in movable]
+    for m in movable:
+        m.to(device)
+    h = layer0.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for b in batches:
+                try:
+                    base(**_to(b, device), use_cache=False)
+                except _Stop:
+                    pass
+    finally:
+        h.remove()
+        for m, d in zip(movable, homes):
+            m.to(d if d.type != "meta" else "cpu")
+    return captured
+
+
+def perplexity(causal_lm, stream: Stream, labels: list[torch.Tensor], device) -> float:
+    """exp(mean next-token NLL) of the final hidden states in ``stream`` (labels: the token ids of each batch)."""
+    norm, head = causal_lm.model.norm, causal_lm.lm_head
+    homes = [next(norm.parameters()).device, next(head.parameters()).device]
+    norm.to(device)
+    head.to(device)
+    nll, count = 0.0, 0
+    try:
+        with torch.no_grad():
+            for (x, _), ids in zip(stream, labels):
+                ids = ids.to(device)
+                for b in range(x.shape[0]):
+                    logits = head(norm(x[b:b + 1])).float()[0, :-1]
+                    nll += float(nn.functional.cross_entropy(logits, ids[b, 1:], reduction="sum"))
+                    count += ids.shape[1] - 1
+    finally:
+        norm.to(homes[0])
+        head.to(homes[1])
+    return math.exp(nll / max(count, 1))
+
+
+def run_pipeline(*args, **kwargs):  # pragma: no cover - kept for API symmetry; see quantize.runner
+    from .runner import run
+
+    return run(*args, **kwargs)

@@ -1,0 +1,53 @@
+"""Human-readable summary of a quantization report (the JSON is saved as ``quant_report.json``)."""
+from __future__ import annotations
+
+
+def _fmt(v, spec=".4f"):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return format(v, spec)
+    return str(v)
+
+
+def format_report(rep: dict, max_layers: int = 12) -> str:
+    s = rep["settings"]
+    m = rep["metrics"]
+    lines = [
+        "",
+        "=" * 78,
+        f"quantization report — {rep['model']}",
+        f"method {s['method']}  bits {s['bits']}  group {s['group_size']}  sym {s['sym']}  act-order "
+        f"{s['act_order']}  format {s['fmt']}  parts {','.join(rep['parts'])}  device {s['device']}  seed {s['seed']}",
+    ]
+    cal = rep.get("calibration", {})
+    if "images" in cal:
+        c = cal["images"]
+        lines.append(f"ViT calibration: {c['images']} images → {c['tiles']} tiles ({c['source']}); held-out "
+                     f"{c['heldout_images']} images / {c['heldout_tiles']} tiles")
+    if "text" in cal:
+        c = cal["text"]
+        lines.append(f"LLM calibration: {c['windows']} windows × {c['seqlen']} tokens ({c['source']})"
+                     + (f" + {c['image_text_samples']} image+text chat samples" if c.get("image_text_samples") else ""))
+    lines.append("-" * 78)
+    if "vit_feature_sqnr_db" in m:
+        lines.append(f"ViT feature SQNR on held-out images ({m.get('vit_feature')}): {m['vit_feature_sqnr_db']:.2f} dB")
+    if "llm_ppl_float" in m:
+        lines.append(f"LLM perplexity on held-out text ({m['llm_ppl_protocol']}): float {m['llm_ppl_float']:.3f} → "
+                     f"quantized {m['llm_ppl_quant']:.3f}")
+    layers = rep.get("layers", [])
+    lines.append(f"quantized Linears: {m.get('quantized_linears', 0)}; skipped (kept 16-bit): "
+                 f"{len(rep.get('skipped', {}))}; mean output relative error: {_fmt(m.get('mean_output_rel_err'))}")
+    if layers:
+        worst = sorted(layers, key=lambda r: -(r["output_rel_err"] if r["output_rel_err"] is not None
+                                               else r["weight_rel_err"]))[:max_layers]
+        lines.append(f"per-layer relative error (worst {len(worst)} of {len(layers)}; all in quant_report.json):")
+        lines.append(f"  {'layer':58s} {'out_err':>8s} {'w_err':>8s}")
+        for r in worst:
+            lines.append(f"  {r['name'][-58:]:58s} {_fmt(r['output_rel_err']):>8s} {_fmt(r['weight_rel_err']):>8s}")
+    mem = ", ".join(f"{k} {v}" for k, v in m.items() if "peak" in k)
+    lines.append(f"time: quantize {m.get('seconds_quantize')} s, total {m.get('seconds_total')} s; peak memory: {mem}")
+    if rep.get("out"):
+        lines.append(f"wrote {rep['out']} ({len(rep.get('files', []))} files) + quant_report.json")
+    lines.append("=" * 78)
+    return "\n".join(lines)

