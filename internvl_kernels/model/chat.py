@@ -216,7 +216,9 @@ class InternVLChatModel(nn.Module):
         dtype = dtype or _config_dtype(raw) or torch.float32
         # Tensors go straight to ``device`` shard by shard (host memory never holds the whole model).
         sd = load_state_dict(path, device=device)
-        qcfg = raw.get("quantization_config")
+        from internvl_kernels.quant.loading import read_quant_config
+
+        qcfg = read_quant_config(path, raw)
 
         with torch.device("meta"):
             model = cls(config)
@@ -231,7 +233,7 @@ class InternVLChatModel(nn.Module):
         if config.llm_architecture == "InternLM2ForCausalLM":
             llm = internlm2_to_llama_state_dict(llm, config.llm_config)
         llm = {k: v for k, v in llm.items() if not k.endswith("rotary_emb.inv_freq")}
-        if model.language_model.config.tie_word_embeddings and "lm_head.weight" not in llm:
+        if model.language_model.config.tie_word_embeddings and not {"lm_head.weight", "lm_head.qweight"} & set(llm):
             llm["lm_head.weight"] = llm.get("model.embed_tokens.weight")
 
         if qcfg:
@@ -242,8 +244,9 @@ class InternVLChatModel(nn.Module):
         load_into_module(model.vision_model, vis, f"{path}: vision_model")
         load_into_module(model.mlp1, mlp, f"{path}: mlp1")
         load_into_module(model.language_model, llm, f"{path}: language_model")
-        model.language_model.tie_weights() if model.language_model.config.tie_word_embeddings else None
-        _materialize_buffers(model)
+        if model.language_model.config.tie_word_embeddings and isinstance(model.language_model.lm_head, nn.Linear):
+            model.language_model.tie_weights()
+        materialize_buffers(model)
         model.eval()
         if device is not None:
             model.to(device)
@@ -281,7 +284,7 @@ def _config_dtype(raw: dict):
     return getattr(torch, name) if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype) else None
 
 
-def _materialize_buffers(model: nn.Module) -> None:
+def materialize_buffers(model: nn.Module) -> None:
     """Re-create non-persistent buffers left on the meta device (RoPE ``inv_freq``) on the CPU."""
     for mod in model.modules():
         for name, buf in list(mod._buffers.items()):

@@ -200,15 +200,24 @@ class InternVisionModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype | None = None, device=None) -> "InternVisionModel":
         """Load a standalone InternViT folder (``config.json`` + safetensors; keys without ``vision_model.``)."""
-        config = InternVisionConfig.from_json_file(os.path.join(path, "config.json"))
-        sd = load_state_dict(path, dtype=dtype, device=device)
+        from .configuration import _read_json
+
+        raw = _read_json(path)
+        config = InternVisionConfig.from_dict(raw)
+        sd = load_state_dict(path, device=device)  # floating tensors are cast to the module dtypes on assignment
         if any(k.startswith("vision_model.") for k in sd):  # an InternVL-Chat folder's vision tower
             sd = strip_prefix(sd, "vision_model.")
-        if dtype is None:  # keep the checkpoint's dtype
-            dtype = next((t.dtype for t in sd.values() if t.is_floating_point()), torch.float32)
+        if dtype is None:  # keep the checkpoint's dtype (quantization scales excluded)
+            dtype = next((t.dtype for k, t in sd.items() if t.is_floating_point() and not k.endswith(".scales")),
+                         torch.float32)
         with torch.device("meta"):
             model = cls(config)
         model.to(dtype)
+        from internvl_kernels.quant.loading import apply_quantization, read_quant_config
+
+        qcfg = read_quant_config(path, raw)
+        if qcfg:  # GPTQ / AWQ folder written by ``python -m quantize``: QuantLinear for every ``.qweight``
+            apply_quantization(model, qcfg, sd, dtype=dtype)
         load_into_module(model, sd, f"InternViT checkpoint {path}")
         model.eval()
         if device is not None:

@@ -140,7 +140,8 @@ class QuantConfig:
         return bits, gs
 
 
-def _read_quant_config(path: str, raw: dict) -> dict | None:
+def read_quant_config(path: str, raw: dict) -> dict | None:
+    """``quantization_config`` of config.json, else AutoGPTQ's ``quantize_config.json`` beside it, else None."""
     q = raw.get("quantization_config")
     if q:
         return q
@@ -356,7 +357,7 @@ def load_quantized_llm(path: str, dtype: torch.dtype | None = None, device=None)
     """
     from transformers import LlamaForCausalLM
 
-    from ..model.chat import _materialize_buffers, llama_config_from_llm_config
+    from ..model.chat import materialize_buffers, llama_config_from_llm_config
     from ..model.internlm2 import internlm2_to_llama_state_dict
     from ..model.loading import load_into_module, load_state_dict
 
@@ -366,7 +367,7 @@ def load_quantized_llm(path: str, dtype: torch.dtype | None = None, device=None)
         raise FileNotFoundError(f"{path}: no config.json")
     with open(cfg_path, encoding="utf-8") as f:
         raw = json.load(f)
-    qcfg = _read_quant_config(path, raw)
+    qcfg = read_quant_config(path, raw)
     if not qcfg:
         raise CheckpointError(f"{path}: not a quantized checkpoint (no quantization_config in config.json and no "
                               "quantize_config.json)")
@@ -393,7 +394,7 @@ def load_quantized_llm(path: str, dtype: torch.dtype | None = None, device=None)
     load_into_module(model, sd, f"{path}: LLM")
     if tie and not isinstance(model.lm_head, QuantLinear):
         model.tie_weights()
-    _materialize_buffers(model)
+    materialize_buffers(model)
     model.eval()
     if device is not None:
         model.to(device)
@@ -402,37 +403,14 @@ def load_quantized_llm(path: str, dtype: torch.dtype | None = None, device=None)
 
 def load_quantized_vit(path: str, dtype: torch.dtype | None = None, device=None):
     """A standalone InternViT folder written quantized (``python -m quantize --model <InternViT folder>``: keys
-    without ``vision_model.``) → ``InternVisionModel`` with QuantLinear modules. ``dtype`` defaults to the dtype of
-    the checkpoint's unquantized floating tensors (the fp16 ``scales`` are never cast)."""
-    from ..model.configuration import InternVisionConfig
-    from ..model.loading import load_into_module, load_state_dict, strip_prefix
+    without ``vision_model.``) → ``InternVisionModel`` with QuantLinear modules. Same as
+    ``InternVisionModel.from_pretrained`` but refuses a folder that is not quantized."""
+    from ..model.configuration import _read_json
     from ..model.vision import InternVisionModel
 
-    CheckpointError = _checkpoint_error()
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"{path}: no config.json")
-    with open(cfg_path, encoding="utf-8") as f:
-        raw = json.load(f)
-    qcfg = _read_quant_config(path, raw)
-    if not qcfg:
-        raise CheckpointError(f"{path}: not a quantized checkpoint (no quantization_config)")
-    config = InternVisionConfig.from_dict(raw)
-    sd = load_state_dict(path)
-    if any(k.startswith("vision_model.") for k in sd):
-        sd = strip_prefix(sd, "vision_model.")
-    if dtype is None:
-        dtype = next((t.dtype for k, t in sd.items() if t.is_floating_point() and not k.endswith(".scales")),
-                     torch.float32)
-    with torch.device("meta"):
-        model = InternVisionModel(config)
-    model.to(dtype)
-    apply_quantization(model, qcfg, sd, dtype=dtype)
-    load_into_module(model, sd, f"InternViT checkpoint {path}")
-    model.eval()
-    if device is not None:
-        model.to(device)
-    return model
+    if not read_quant_config(path, _read_json(path)):
+        raise _checkpoint_error()(f"{path}: not a quantized checkpoint (no quantization_config)")
+    return InternVisionModel.from_pretrained(path, dtype=dtype, device=device)
 
 
 # ---------------------------------------------------------------------------------------------------------------
