@@ -86,6 +86,26 @@ def test_patched_chat_model_matches_eager(folders, preset, device):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("preset", ["v1.1", "v1.5"])
+def test_patched_model_on_the_eager_backend_is_bit_identical(folders, preset):
+    # with every op on its eager reference the patched wiring (fused chain, projector path, LLM norms) must
+    # reproduce the original model exactly: any mis-wired weight, eps, scale or rounding shows up here
+    model = InternVLChatModel.from_pretrained(folders[preset], dtype=torch.bfloat16)
+    tok = AutoTokenizer.from_pretrained(folders[preset])
+    pv = torch.randn(2, 3, 56, 56, dtype=torch.bfloat16)
+    ids = _prompt(model, tok, 2)
+    ref_feats = model.extract_feature(pv)
+    ref_hidden = model.vision_model(pv, output_hidden_states=True).hidden_states
+    ref_logits = model(pixel_values=pv, input_ids=ids).logits
+    patch_model(model)
+    with set_backend("eager"):
+        assert torch.equal(model.extract_feature(pv), ref_feats)
+        for a, b in zip(model.vision_model(pv, output_hidden_states=True).hidden_states, ref_hidden):
+            assert torch.equal(a, b)
+        assert torch.equal(model(pixel_values=pv, input_ids=ids).logits, ref_logits)
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("preset", PRESETS)
 def test_patched_greedy_chat_gives_the_same_tokens(folders, preset, device):
     model = InternVLChatModel.from_pretrained(folders[preset], dtype=torch.float32, device=device)

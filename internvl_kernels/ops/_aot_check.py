@@ -1,0 +1,134 @@
+"""Compile the GPU kernels for an H100 (sm_90) without a GPU: catches compile errors and shared-memory overflow.
+
+``python -m internvl_kernels.ops._aot_check [--all]`` compiles each Triton kernel of :mod:`internvl_kernels.ops`
+(the default: one representative configuration per kernel and dtype path; ``--all``: every autotune configuration
+that the pruning keeps) through the full Triton → PTX → cubin pipeline (triton bundles ``ptxas``) and checks the
+shared memory each one needs against the H100's 227 KB per block. It needs ``TRITON_INTERPRET`` unset / 0 (the
+module sets it to 0 when run as a script, before triton is imported).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+SMEM_LIMIT = 232448  # bytes of dynamic shared memory one block may use on sm_90
+
+
+def _compile(fn, ptrs: dict, floats, const: dict, opts: dict, aligned_ints=()):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in const:
+            sig[name] = "constexpr"
+        elif name in ptrs:
+            sig[name] = ptrs[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in floats:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+            if name in aligned_ints:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    k = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32), options=opts)
+    return k.metadata.shared
+
+
+def cases(full: bool = False):
+    """Yield ``(name, thunk)``; each thunk compiles one kernel configuration and returns its shared memory."""
+    import importlib
+
+    import triton.language as tl
+
+    A, L, P, Q, N = (importlib.import_module(f"internvl_kernels.ops.{m}") for m in
+                     ("attention", "linear", "pixel_shuffle", "qk_norm_attention", "_norm_kernel"))
+    ptr_t = {tl.bfloat16: "*bf16", tl.float16: "*fp16", tl.float32: "*fp32"}
+
+    # row norms: RMS + residual (bf16, 3200 ch), LN + residual, RMS 12800 ch, LN fp32, RMS fp16
+    for is_rms, res, n, dt in ((True, True, 3200, tl.bfloat16), (False, True, 1024, tl.bfloat16),
+                               (True, False, 12800, tl.bfloat16), (False, False, 576, tl.float32),
+                               (True, True, 3200, tl.float16)):
+        bm, bn, nw = N.launch_settings(n, 13 * 1025)
+        const = dict(IS_RMS=is_rms, HAS_RES=res, HAS_SCALE=res, HAS_W=True, HAS_B=not is_rms, PROD_DT=dt, RES_DT=dt,
+                     XN_DT=dt, BLOCK_M=bm, BLOCK_N=bn)
+        ptrs = {k: ptr_t[dt] for k in ("X", "R", "SCALE", "W", "B", "Y", "RES_OUT")}
+        yield (f"norm rms={is_rms} residual={res} N={n} {dt}",
+               lambda ptrs=ptrs, const=const, nw=nw: _compile(
+                   N._norm_rows_kernel, ptrs, ["eps"], const, {"num_warps": nw, "enable_fp_fusion": False},
+                   ("stride_x", "stride_r", "stride_y", "stride_ro")))
+
+    # attention (plain and QK-norm), main tiles with each autotune config + the small query-tail tile
+    for dt in (tl.bfloat16, tl.float16, tl.float32):
+        ieee = dt == tl.float32
+        bm = 64 if ieee else 128
+        for D in (64, 128):
+            for qkn in (False, True):
+                cfgs = A._prune(A._gpu_configs(), {}, IEEE=ieee, D=D)
+                if not full:
+                    if dt == tl.float16 or (ieee and (D == 64 or qkn)):
+                        continue
+                    cfgs = cfgs[-2:-1] if ieee else cfgs[1:2]
+                launches = [(bm, c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in cfgs] + [(16, 64, 4, 2)]
+                for bmm, bnn, nw, ns in launches:
+                    const = dict(D=D, QK_NORM=qkn, UPCAST=False, IEEE=ieee, DT=dt, BLOCK_M=bmm, BLOCK_N=bnn,
+                                 TAIL=A.TAIL_N)
+                    ptrs = {k: ptr_t[dt] for k in ("Q", "K", "V", "O", "WQ", "WK")}
+                    ptrs["RSTD"] = "*fp32"
+                    yield (f"attention {dt} D={D} qk_norm={qkn} BLOCK_M={bmm} BLOCK_N={bnn} w{nw} s{ns}",
+                           lambda const=const, ptrs=ptrs, nw=nw, ns=ns: _compile(
+                               A._attn_fwd_kernel, ptrs, ["qk_scale"], const, {"num_warps": nw, "num_stages": ns},
+                               ("stride_qb", "stride_qs", "stride_kb", "stride_ks", "stride_vb", "stride_vs",
+                                "stride_ob", "stride_os")))
+
+    # GEMM with bias + GELU epilogue
+    for dt in (tl.bfloat16, tl.float32):
+        cfgs = [c for c in L._gpu_configs() if (dt == tl.float32) == (c.kwargs["BLOCK_K"] == 32)]
+        if not full:
+            cfgs = cfgs[:1]
+        for c in cfgs:
+            const = dict(HAS_BIAS=True, GELU=True, UPCAST=False, IEEE=dt == tl.float32, EVEN_K=True, **c.kwargs)
+            yield (f"linear {dt} {c.kwargs} w{c.num_warps} s{c.num_stages}",
+                   lambda const=const, c=c, dt=dt: _compile(
+                       L._linear_kernel, {k: ptr_t[dt] for k in ("X", "W", "BIAS", "Y")}, [], const,
+                       {"num_warps": c.num_warps, "num_stages": c.num_stages},
+                       ("K", "stride_xm", "stride_wn", "stride_ym")))
+    const = dict(HAS_BIAS=False, GELU=False, UPCAST=False, IEEE=False, EVEN_K=False, BLOCK_M=128, BLOCK_N=128,
+                 BLOCK_K=64, GROUP_M=8)
+    yield ("linear fp16 ragged K, no bias", lambda: _compile(
+        L._linear_kernel, {k: "*fp16" for k in ("X", "W", "BIAS", "Y")}, [], const, {"num_warps": 8, "num_stages": 3}))
+
+    yield ("pixel_shuffle", lambda: _compile(P._pixel_shuffle_kernel, {"X": "*bf16", "Y": "*bf16"}, [],
+                                             dict(R=2, R2P=4, V2=True, BLOCK_C=2048), {"num_warps": 8}))
+    yield ("pixel_shuffle_layer_norm", lambda: _compile(
+        P._pixel_shuffle_ln_kernel, {k: "*bf16" for k in ("X", "W", "B", "Y")}, ["eps"],
+        dict(HAS_W=True, HAS_B=True, R=2, R2P=4, V2=False, BLOCK_C=4096), {"num_warps": 16}))
+    yield ("qk_norm rstd pre-pass", lambda: _compile(Q._qk_rstd_kernel, {"QKV": "*bf16", "RSTD": "*fp32"}, ["eps"],
+                                                     dict(BLOCK_M=1, BLOCK_C=4096), {"num_warps": 8}))
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    failures = 0
+    for name, thunk in cases(full="--all" in argv):
+        t0 = time.time()
+        try:
+            smem = thunk()
+        except Exception as e:  # noqa: BLE001 - report every failure
+            failures += 1
+            print(f"FAIL  {name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
+            continue
+        ok = smem <= SMEM_LIMIT
+        failures += not ok
+        print(f"{'ok   ' if ok else 'SMEM!'} {name}: {smem} B shared ({time.time() - t0:.1f} s)", flush=True)
+    print("all kernels compile for sm_90" if not failures else f"{failures} FAILED", flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("unset TRITON_INTERPRET to compile for the GPU", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(main())
