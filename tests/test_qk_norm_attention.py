@@ -13,6 +13,13 @@ from internvl_kernels.ops.qk_norm_attention import qk_rstd
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 
 
+@pytest.fixture(params=["fold", "exact"])
+def mode(request, monkeypatch):
+    """The kernel's two ways of applying the k normalization (see ops/qk_norm_attention.py)."""
+    monkeypatch.setenv("INTERNVL_KERNELS_QK_NORM", request.param)
+    return request.param
+
+
 def _inputs(B, S, H, D, dtype, device):
     C = H * D
     qkv = torch.randn(B, S, 3 * C, dtype=dtype, device=device) * 2
@@ -31,22 +38,22 @@ def _check(qkv, wq, wk, H, eps=1e-6, scale=None):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("H,D", [(3, 64), (2, 128)])
 @pytest.mark.parametrize("S", [1, 17, 97])
-def test_qk_norm_attention_flash_rule(S, H, D, dtype, device):
+def test_qk_norm_attention_flash_rule(S, H, D, dtype, mode, device):
     _check(*_inputs(2, S, H, D, dtype, device), H)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_qk_norm_attention_internvit_6b_width(dtype, device):
+def test_qk_norm_attention_internvit_6b_width(dtype, mode, device):
     # the real channel layout: C = 3200 = 25 heads x 128, norm over all 3200 channels
     _check(*_inputs(1, 17, 25, 128, dtype, device), 25)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_qk_norm_attention_length_1025(dtype, device):
+def test_qk_norm_attention_length_1025(dtype, mode, device):
     _check(*_inputs(1, 1025, 1, 128, dtype, device), 1)
 
 
-def test_qk_norm_attention_norm_spans_all_heads(device):
+def test_qk_norm_attention_norm_spans_all_heads(mode, device):
     # a per-head RMSNorm would give a different answer: make the heads' scales very different and check the
     # kernel follows the all-channel reference, not the per-head variant
     qkv, wq, wk = _inputs(1, 17, 2, 64, torch.float32, device)
@@ -70,11 +77,23 @@ def test_qk_rstd_prepass(device):
     assert_close(rstd, ref, rtol=1e-5, atol=0)
 
 
-def test_qk_norm_attention_non_contiguous_qkv(device):
+def test_qk_norm_attention_non_contiguous_qkv(mode, device):
     big, wq, wk = _inputs(2, 17, 2, 64, torch.float16, device)
     qkv = torch.cat([big, big[..., :5]], -1)[..., :384]  # row stride 389, a view
     assert not qkv.is_contiguous()
     _check(qkv, wq, wk, 2, scale=0.1)
+
+
+def test_qk_norm_attention_modes_agree_and_unknown_mode_fails(monkeypatch, device):
+    qkv, wq, wk = _inputs(1, 40, 2, 64, torch.float16, device)
+    outs = {}
+    for m in ("fold", "exact"):
+        monkeypatch.setenv("INTERNVL_KERNELS_QK_NORM", m)
+        outs[m] = run_kernel(ops.qk_norm_attention, qkv, wq, wk, 2).float()
+    assert (outs["fold"] - outs["exact"]).abs().max() < 5e-3
+    monkeypatch.setenv("INTERNVL_KERNELS_QK_NORM", "sloppy")
+    with pytest.raises(ValueError, match="INTERNVL_KERNELS_QK_NORM"):
+        run_kernel(ops.qk_norm_attention, qkv, wq, wk, 2)
 
 
 def test_qk_norm_attention_eager_backend_is_the_reference(device):
@@ -99,5 +118,5 @@ def test_qk_norm_attention_bad_inputs(device):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("B,S", [(13, 1025), (1, 1025), (2, 4097)])
-def test_qk_norm_attention_full_shapes(B, S, dtype, device):
+def test_qk_norm_attention_full_shapes(B, S, dtype, mode, device):
     _check(*_inputs(B, S, 25, 128, dtype, device), 25)

@@ -65,10 +65,10 @@ def cases(full: bool = False):
         ieee = dt == tl.float32
         bm = 64 if ieee else 128
         for D in (64, 128):
-            for qkn in (False, True):
+            for qkn in (0, 1, 2):
                 cfgs = A._prune(A._gpu_configs(), {}, IEEE=ieee, D=D)
                 if not full:
-                    if dt == tl.float16 or (ieee and (D == 64 or qkn)):
+                    if dt == tl.float16 or (ieee and (D == 64 or qkn)) or (D == 64 and qkn == 2):
                         continue
                     cfgs = cfgs[-2:-1] if ieee else cfgs[1:2]
                 launches = [(bm, c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in cfgs] + [(16, 64, 4, 2)]

@@ -19,9 +19,9 @@ IEEE fp32 dots (``input_precision="ieee"``, not TF32): fp32 is the accuracy path
 ``allow_tf32=False`` for matmuls. Under the Triton interpreter bf16 operands are upcast to fp32 before the dots
 (exact products; the interpreter's bf16 dot is wrong).
 
-The same kernel serves :func:`internvl_kernels.ops.qk_norm_attention` (``QK_NORM=True``): it then reads q, k and v
-straight from the packed ``[B, S, 3C]`` projection and applies InternViT's QK-RMSNorm on the fly from per-token
-``rstd`` values computed by a pre-pass over all C channels.
+The same kernel serves :func:`internvl_kernels.ops.qk_norm_attention` (``QK_NORM`` = 1 or 2): it then reads q, k
+and v straight from the packed ``[B, S, 3C]`` projection and applies InternViT's QK-RMSNorm on the fly from
+per-token ``rstd`` values computed by a pre-pass over all C channels (see that module for the two modes).
 """
 from __future__ import annotations
 
@@ -67,12 +67,13 @@ def _attn_block(
     else:
         kT = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None])
         v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :])
-    if QK_NORM:
-        # Llama rounding, as the reference: (k * rstd) -> dtype, * weight -> dtype
+    if QK_NORM != 0:
         if MASK:
             rk = tl.load(rk_base + offs_n * stride_rs, mask=nmask, other=1.0)
         else:
             rk = tl.load(rk_base + offs_n * stride_rs)
+    if QK_NORM == 2:
+        # exact mode: normalize the k tile with the reference's Llama roundings, (k * rstd) -> dtype, * w -> dtype
         kT = to_dtype(kT.to(tl.float32) * rk[None, :], DT).to(tl.float32)
         kT = to_dtype(kT * wk[:, None], DT)
     if UPCAST:
@@ -82,7 +83,11 @@ def _attn_block(
         s = tl.dot(q, kT, input_precision="ieee")
     else:
         s = tl.dot(q, kT)
-    s = s * qk_scale
+    if QK_NORM == 1:
+        # folded mode: w_k already multiplied into q; rstd_k scales the score columns (no work on the k tile)
+        s = s * (rk * qk_scale)[None, :]
+    else:
+        s = s * qk_scale
     if MASK:
         s = tl.where(nmask[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -130,12 +135,16 @@ def _attn_fwd_kernel(
     v_base = V + b * stride_vb + h * stride_vh
     q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=mmask[:, None], other=0.0)
     rk_base = RSTD + b * stride_rb + 1  # rstd of k: column 1 of [B, S, 2]
-    if QK_NORM:
+    if QK_NORM != 0:
+        # q̂ = (q * rstd_q) -> dtype, * w_q -> dtype: exactly the reference's normalized q
         rq = tl.load(RSTD + b * stride_rb + offs_m * stride_rs, mask=mmask, other=1.0)
         wq = tl.load(WQ + h * D + offs_d).to(tl.float32)
         wk = tl.load(WK + h * D + offs_d).to(tl.float32)
         q = to_dtype(q.to(tl.float32) * rq[:, None], DT).to(tl.float32)
         q = to_dtype(q * wq[None, :], DT)
+        if QK_NORM == 1:
+            # q̂·k̂_j = rstd_k[j] · ((q̂ ⊙ w_k) · k_j): fold w_k into q once per program
+            q = to_dtype(q.to(tl.float32) * wk[None, :], DT)
     else:
         wk = tl.zeros([D], dtype=tl.float32)
     if UPCAST:
@@ -194,11 +203,11 @@ def _block_m(dtype: torch.dtype) -> int:
 def launch_attention(
     op: str, q, k, v, out, B, H, S_q, S_kv, D, scale, *,
     strides_q, strides_k, strides_v, strides_o,
-    rstd=None, wq=None, wk=None,
+    rstd=None, wq=None, wk=None, qk_norm_mode: int = 1,
 ):
     """Launch the forward kernel (main tiles + an optional small-tile launch for the query tail)."""
     dtype = q.dtype
-    qk_norm = rstd is not None
+    qk_norm = 0 if rstd is None else qk_norm_mode
     if not qk_norm:
         rstd, wq, wk = out, out, out  # never read
         stride_rb = stride_rs = 0

@@ -5,12 +5,21 @@ k over **all C channels** (3200, not per head) before splitting heads, which no 
 
 1. a pre-pass reads the q and k halves of each token once and writes two fp32 ``rstd`` values per token
    (``[B, S, 2]``, 8 bytes per token instead of a normalized ``2·C`` copy);
-2. the flash-attention kernel (:mod:`.attention`, ``QK_NORM=True``) reads q, k, v straight out of the packed
-   buffer and normalizes each q tile once and each k tile as it streams by:
-   ``q̂ = round(round(q · rstd_q) · w_q)`` — the same two roundings as the eager Llama-style RMSNorm, so the
-   normalized q/k the dots see are exactly the reference's (bit-exact on GPU; the interpreter truncates bf16).
+2. the flash-attention kernel (:mod:`.attention`) reads q, k, v straight out of the packed buffer. Each program
+   normalizes its q tile once, with the reference's two Llama roundings: ``q̂ = round(round(q · rstd_q) · w_q)``.
+   For k there are two modes:
 
-Nothing of size ``S × C`` is written besides the output ``[B, S, C]``. The remaining difference from the eager
+   * ``fold`` (default): since ``q̂ · k̂_j = rstd_k[j] · ((q̂ ⊙ w_k) · k_j)``, ``w_k`` is folded into the q tile
+     (one more rounding, once per program) and ``rstd_k`` scales the score columns together with the softmax
+     scale — the streamed k tiles are used raw, so the inner loop does no extra per-element work. **Deviation**:
+     the reference rounds ``k · rstd_k`` and ``· w_k`` to the input dtype; here k is unrounded and the rounding
+     sits on the ``q̂ ⊙ w_k`` side instead. Same error magnitude (one dtype rounding per operand product); the
+     tests hold it to the flash-attention rule.
+   * ``exact`` (``INTERNVL_KERNELS_QK_NORM=exact``): every k tile is normalized as it streams by with the
+     reference's two roundings, so the dots see exactly the reference's normalized q and k (≈ one extra
+     elementwise pass over each k tile per query block: slower, for verification).
+
+Nothing of size ``S × C`` is written besides the output ``[B, S, C]``. The other difference from the eager
 reference is the flash-attention one (fp32 scores/softmax instead of rounding them to the input dtype), which the
 tests bound with the flash-attention rule.
 """
@@ -26,11 +35,20 @@ from torch import Tensor
 from .. import _backend
 from ..model import functional as F_ref
 from ._common import (
-    check_float, check_rank, check_same_device, check_same_dtype, check_vector, count_launch, new_empty, next_pow2,
+    check_float, check_rank, check_same_device, check_same_dtype, check_vector, count_launch, env_flag, new_empty,
+    next_pow2,
 )
 from .attention import SUPPORTED_HEAD_DIMS, launch_attention
 
 OP = "qk_norm_attention"
+MODES = {"fold": 1, "exact": 2}
+
+
+def qk_norm_mode() -> str:
+    mode = env_flag("INTERNVL_KERNELS_QK_NORM", "fold")
+    if mode not in MODES:
+        raise ValueError(f"INTERNVL_KERNELS_QK_NORM={mode!r}: choose one of {tuple(MODES)}")
+    return mode
 
 
 @triton.jit
@@ -112,7 +130,7 @@ def qk_norm_attention_triton(qkv, q_norm_weight, k_norm_weight, num_heads, eps=1
     launch_attention(
         OP, qkv, qkv[..., C:], qkv[..., 2 * C:], out, B, num_heads, S, S, D, scale,
         strides_q=strides, strides_k=strides, strides_v=strides, strides_o=(out.stride(0), out.stride(1), D),
-        rstd=rstd, wq=q_norm_weight, wk=k_norm_weight,
+        rstd=rstd, wq=q_norm_weight, wk=k_norm_weight, qk_norm_mode=MODES[qk_norm_mode()],
     )
     return out
 
