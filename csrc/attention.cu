@@ -60,10 +60,10 @@ __device__ __forceinline__ void norm_tile(T* s, const float* __restrict__ rstd, 
     if (r < rows_valid) {
       const float rs = rstd[row0 + r];
       T* p = s + swz<D>(r, c);
-      Vec<T, 8> val = *reinterpret_cast<const Vec<T, 8>*>(p);
+      Vec<T, 8> val = load_vec<T, 8>(p);
 #pragma unroll
       for (int j = 0; j < 8; ++j) val.v[j] = from_f<T>(w[j] * round_to<T>(to_f<T>(val.v[j]) * rs));
-      *reinterpret_cast<Vec<T, 8>*>(p) = val;
+      store_vec<T, 8>(p, val);
     }
   }
 }
@@ -258,8 +258,11 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionArgs
     const int c = idx % kCPR;
     const int qrow = m0 + warp * 16 + r;
     if (qrow < S) {
-      const uint4 val = *reinterpret_cast<const uint4*>(sQ + swz<D>(warp * 16 + r, c));
-      *reinterpret_cast<uint4*>(og + static_cast<int64_t>(qrow) * p.o_stride[1] + c * 8) = val;
+      const T* src = sQ + swz<D>(warp * 16 + r, c);
+      T* dst = og + static_cast<int64_t>(qrow) * p.o_stride[1] + c * 8;
+      IK_CHECK_ALIGNED(src, 16);
+      IK_CHECK_ALIGNED(dst, 16);
+      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
     }
   }
 #else
@@ -306,13 +309,9 @@ cudaError_t qk_rstd_typed(const void* qkv, int64_t rows, int64_t row_stride, int
   const int64_t nvec = vec_ok ? nvec16 : channels;
   const int threads = nvec >= 256 ? 256 : (nvec >= 128 ? 128 : round_up(nvec, 32));
   const dim3 grid(static_cast<unsigned>(rows));
-  if (vec_ok)
-    qk_rstd_kernel<T, kMax><<<grid, threads, 0, stream>>>(static_cast<const T*>(qkv), rows, row_stride, channels,
-                                                           eps, rstd);
-  else
-    qk_rstd_kernel<T, 1><<<grid, threads, 0, stream>>>(static_cast<const T*>(qkv), rows, row_stride, channels, eps,
-                                                        rstd);
-  return cudaGetLastError();
+  const T* x = static_cast<const T*>(qkv);
+  if (vec_ok) return launch(qk_rstd_kernel<T, kMax>, grid, threads, 0, stream, x, rows, row_stride, channels, eps, rstd);
+  return launch(qk_rstd_kernel<T, 1>, grid, threads, 0, stream, x, rows, row_stride, channels, eps, rstd);
 }
 
 bool stride_ok(const int64_t (&s)[3]) { return s[0] % 8 == 0 && s[1] % 8 == 0 && s[2] % 8 == 0; }
@@ -321,11 +320,8 @@ template <typename T, int D>
 cudaError_t attention_typed(const AttentionArgs& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(ceil_div(p.seqlen, kBM)), static_cast<unsigned>(p.heads),
                   static_cast<unsigned>(p.batch));
-  if (p.q_rstd != nullptr)
-    attention_kernel<T, D, true><<<grid, kThreads, 0, stream>>>(p);
-  else
-    attention_kernel<T, D, false><<<grid, kThreads, 0, stream>>>(p);
-  return cudaGetLastError();
+  if (p.q_rstd != nullptr) return launch(attention_kernel<T, D, true>, grid, kThreads, 0, stream, p);
+  return launch(attention_kernel<T, D, false>, grid, kThreads, 0, stream, p);
 }
 
 }  // namespace

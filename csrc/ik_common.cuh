@@ -2,12 +2,25 @@
 #pragma once
 
 #include <cstdint>
+#include <utility>
 
+#if defined(IK_EMULATION)
+#include "test/ik_emu.h"  // CPU SIMT emulator: tests/test_csrc_emulation.py only
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#endif
 
 #include "ik_launchers.h"
+
+// Alignment assertion of vector accesses: free on the GPU (a misaligned access faults there), checked by the
+// CPU emulator (where x86 would silently accept it).
+#if defined(IK_EMULATION)
+#define IK_CHECK_ALIGNED(p, n) ::ik::emu::check_aligned((p), (n), "vector access")
+#else
+#define IK_CHECK_ALIGNED(p, n) ((void)0)
+#endif
 
 namespace ik {
 
@@ -45,11 +58,13 @@ struct alignas(sizeof(T) * N) Vec {
 
 template <typename T, int N>
 __device__ __forceinline__ Vec<T, N> load_vec(const T* p) {
+  IK_CHECK_ALIGNED(p, sizeof(Vec<T, N>));
   return *reinterpret_cast<const Vec<T, N>*>(p);
 }
 
 template <typename T, int N>
 __device__ __forceinline__ void store_vec(T* p, const Vec<T, N>& v) {
+  IK_CHECK_ALIGNED(p, sizeof(Vec<T, N>));
   *reinterpret_cast<Vec<T, N>*>(p) = v;
 }
 
@@ -94,6 +109,21 @@ template <>
 struct DTypeOf<__nv_bfloat16> {
   static constexpr DType value = DType::kBFloat16;
 };
+
+// Every launch goes through here: `kernel<<<grid, block, smem, stream>>>(args...)` then cudaGetLastError() (the CPU
+// emulator runs the same kernel on fibers instead).
+template <typename... KArgs, typename... Args>
+inline cudaError_t launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                          Args&&... args) {
+#if defined(IK_EMULATION)
+  (void)smem;
+  (void)stream;
+  return emu::launch(kernel, grid, block, std::forward<Args>(args)...);
+#else
+  kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
+  return cudaGetLastError();
+#endif
+}
 
 inline int round_up(int64_t v, int64_t m) { return static_cast<int>((v + m - 1) / m * m); }
 

@@ -17,9 +17,16 @@
 
 namespace ik {
 
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+// Shared-memory address operand of ldmatrix / cp.async (the emulator uses the plain pointer).
+#if defined(IK_EMULATION)
+using saddr_t = uintptr_t;
+__device__ __forceinline__ saddr_t smem_u32(const void* p) { return reinterpret_cast<uintptr_t>(p); }
+#else
+using saddr_t = uint32_t;
+__device__ __forceinline__ saddr_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
+#endif
 
 template <typename T>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
@@ -42,7 +49,9 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
 // d += a * b (fp32 accumulate).
 template <typename T>
 __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-#if IK_HAS_SM80
+#if defined(IK_EMULATION)
+  emu::mma(d, a, b0, b1, std::is_same<T, __nv_bfloat16>::value);
+#elif IK_HAS_SM80
   if constexpr (std::is_same<T, __half>::value) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -61,8 +70,10 @@ __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], 
 #endif
 }
 
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
-#if IK_HAS_SM80
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], saddr_t addr) {
+#if defined(IK_EMULATION)
+  emu::ldsm(r, addr, false);
+#elif IK_HAS_SM80
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
@@ -71,8 +82,10 @@ __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
 #endif
 }
 
-__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-#if IK_HAS_SM80
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], saddr_t addr) {
+#if defined(IK_EMULATION)
+  emu::ldsm(r, addr, true);
+#elif IK_HAS_SM80
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
@@ -82,8 +95,10 @@ __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
 }
 
 // 16-byte global -> shared copy; when !pred nothing is read and the 16 bytes are zero-filled (src-size 0).
-__device__ __forceinline__ void cp_async16(uint32_t smem, const void* gmem, bool pred) {
-#if IK_HAS_SM80
+__device__ __forceinline__ void cp_async16(saddr_t smem, const void* gmem, bool pred) {
+#if defined(IK_EMULATION)
+  emu::cp_async16(smem, gmem, pred);
+#elif IK_HAS_SM80
   const int src_size = pred ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(src_size));
 #else
@@ -92,14 +107,14 @@ __device__ __forceinline__ void cp_async16(uint32_t smem, const void* gmem, bool
 }
 
 __device__ __forceinline__ void cp_async_commit() {
-#if IK_HAS_SM80
+#if IK_HAS_SM80 && !defined(IK_EMULATION)
   asm volatile("cp.async.commit_group;\n" ::);
 #endif
 }
 
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
-#if IK_HAS_SM80
+#if IK_HAS_SM80 && !defined(IK_EMULATION)
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 #endif
 }

@@ -216,17 +216,11 @@ cudaError_t norm_launch_vec(const NormArgs& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(p.rows));
   if (nvec <= static_cast<int64_t>(kNormVPT) * 1024) {
     const int threads = norm_threads_cached(nvec);
-    if (add)
-      norm_kernel<T, VEC, kNormVPT, RMS, true><<<grid, threads, 0, stream>>>(p);
-    else
-      norm_kernel<T, VEC, kNormVPT, RMS, false><<<grid, threads, 0, stream>>>(p);
-  } else {
-    if (add)
-      norm_kernel<T, VEC, 0, RMS, true><<<grid, kNormUncachedThreads, 0, stream>>>(p);
-    else
-      norm_kernel<T, VEC, 0, RMS, false><<<grid, kNormUncachedThreads, 0, stream>>>(p);
+    if (add) return launch(norm_kernel<T, VEC, kNormVPT, RMS, true>, grid, threads, 0, stream, p);
+    return launch(norm_kernel<T, VEC, kNormVPT, RMS, false>, grid, threads, 0, stream, p);
   }
-  return cudaGetLastError();
+  if (add) return launch(norm_kernel<T, VEC, 0, RMS, true>, grid, kNormUncachedThreads, 0, stream, p);
+  return launch(norm_kernel<T, VEC, 0, RMS, false>, grid, kNormUncachedThreads, 0, stream, p);
 }
 
 template <typename T, bool RMS>

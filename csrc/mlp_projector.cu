@@ -38,9 +38,8 @@ cudaError_t bias_gelu_vec(void* y, int64_t y_stride, const void* bias, int64_t r
   const int64_t nvec = cols / VEC;
   const int64_t gy = ceil_div(nvec, kThreads);
   if (gy > 65535) return cudaErrorInvalidValue;
-  bias_gelu_kernel<T, VEC><<<dim3(static_cast<unsigned>(rows), static_cast<unsigned>(gy)), kThreads, 0, stream>>>(
-      static_cast<T*>(y), y_stride, static_cast<const T*>(bias), cols);
-  return cudaGetLastError();
+  return launch(bias_gelu_kernel<T, VEC>, dim3(static_cast<unsigned>(rows), static_cast<unsigned>(gy)), kThreads, 0,
+                stream, static_cast<T*>(y), y_stride, static_cast<const T*>(bias), cols);
 }
 
 template <typename T>

@@ -87,15 +87,10 @@ cudaError_t shuffle_vec(const PixelShuffleArgs& p, cudaStream_t stream, bool ln)
   const int64_t so = p.side / p.r;
   const dim3 grid(static_cast<unsigned>(p.batch * so * so));
   const int64_t nvec = static_cast<int64_t>(p.channels) * p.r * p.r / VEC;
-  if (!ln) {
-    const int threads = nvec >= 256 ? 256 : round_up(nvec, 32);
-    pixel_shuffle_kernel<T, VEC><<<grid, threads, 0, stream>>>(p);
-  } else if (nvec <= static_cast<int64_t>(kNormVPT) * 1024) {
-    pixel_shuffle_layer_norm_kernel<T, VEC, kNormVPT><<<grid, norm_threads_cached(nvec), 0, stream>>>(p);
-  } else {
-    pixel_shuffle_layer_norm_kernel<T, VEC, 0><<<grid, kNormUncachedThreads, 0, stream>>>(p);
-  }
-  return cudaGetLastError();
+  if (!ln) return launch(pixel_shuffle_kernel<T, VEC>, grid, nvec >= 256 ? 256 : round_up(nvec, 32), 0, stream, p);
+  if (nvec <= static_cast<int64_t>(kNormVPT) * 1024)
+    return launch(pixel_shuffle_layer_norm_kernel<T, VEC, kNormVPT>, grid, norm_threads_cached(nvec), 0, stream, p);
+  return launch(pixel_shuffle_layer_norm_kernel<T, VEC, 0>, grid, kNormUncachedThreads, 0, stream, p);
 }
 
 template <typename T>

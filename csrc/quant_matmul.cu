@@ -55,6 +55,7 @@ __device__ __forceinline__ void load_raw(Raw<BITS>& raw, const QuantMatmulArgs& 
   const int64_t rb = m0 + g + 8;
   if (kvalid && ra < p.M) {
     const uint4* src = reinterpret_cast<const uint4*>(x + ra * p.x_stride + kbase);
+    IK_CHECK_ALIGNED(src, 16);
     const uint4 lo = src[0], hi = src[1];
     raw.xa[0] = lo.x, raw.xa[1] = lo.y, raw.xa[2] = lo.z, raw.xa[3] = lo.w;
     raw.xa[4] = hi.x, raw.xa[5] = hi.y, raw.xa[6] = hi.z, raw.xa[7] = hi.w;
@@ -64,6 +65,7 @@ __device__ __forceinline__ void load_raw(Raw<BITS>& raw, const QuantMatmulArgs& 
   }
   if (kvalid && rb < p.M) {
     const uint4* src = reinterpret_cast<const uint4*>(x + rb * p.x_stride + kbase);
+    IK_CHECK_ALIGNED(src, 16);
     const uint4 lo = src[0], hi = src[1];
     raw.xb[0] = lo.x, raw.xb[1] = lo.y, raw.xb[2] = lo.z, raw.xb[3] = lo.w;
     raw.xb[4] = hi.x, raw.xb[5] = hi.y, raw.xb[6] = hi.z, raw.xb[7] = hi.w;
@@ -75,7 +77,9 @@ __device__ __forceinline__ void load_raw(Raw<BITS>& raw, const QuantMatmulArgs& 
   for (int w = 0; w < Raw<BITS>::kWords; ++w) {
     if (kvalid) {
       const int64_t prow = kbase / values_per_word(BITS) + w;
-      const uint4 v = *reinterpret_cast<const uint4*>(p.qweight + prow * p.N + n0 + load_col(g, 0));
+      const int32_t* src = p.qweight + prow * p.N + n0 + load_col(g, 0);
+      IK_CHECK_ALIGNED(src, 16);
+      const uint4 v = *reinterpret_cast<const uint4*>(src);
       raw.q[w][0] = v.x, raw.q[w][1] = v.y, raw.q[w][2] = v.z, raw.q[w][3] = v.w;
     } else {
       raw.q[w][0] = raw.q[w][1] = raw.q[w][2] = raw.q[w][3] = 0u;
@@ -313,17 +317,15 @@ template <typename T, typename S, int BITS>
 cudaError_t launch_bits(const QuantMatmulArgs& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(p.N / kBN), static_cast<unsigned>(p.split_k),
                   static_cast<unsigned>(ceil_div(p.M, kBM)));
-  if (p.g_idx == nullptr)  // launcher checked group_size % 64 == 0
-    quant_matmul_kernel<T, S, BITS, true><<<grid, kThreads, 0, stream>>>(p);
-  else
-    quant_matmul_kernel<T, S, BITS, false><<<grid, kThreads, 0, stream>>>(p);
-  cudaError_t err = cudaGetLastError();
+  const cudaError_t err = p.g_idx == nullptr  // launcher checked group_size % 64 == 0
+                              ? launch(quant_matmul_kernel<T, S, BITS, true>, grid, kThreads, 0, stream, p)
+                              : launch(quant_matmul_kernel<T, S, BITS, false>, grid, kThreads, 0, stream, p);
   if (err != cudaSuccess || p.split_k == 1) return err;
   const int64_t total = p.M * p.N;
   const int64_t blocks = ceil_div(total, 256) < 4096 ? ceil_div(total, 256) : 4096;
-  splitk_reduce_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(p.workspace, p.split_k, p.M, p.N, p.bias,
-                                                                            static_cast<T*>(p.out), p.out_stride);
-  return cudaGetLastError();
+  return launch(splitk_reduce_kernel<T>, static_cast<unsigned>(blocks), 256, 0, stream,
+                static_cast<const float*>(p.workspace), p.split_k, p.M, p.N, p.bias, static_cast<T*>(p.out),
+                p.out_stride);
 }
 
 template <typename T, typename S>
