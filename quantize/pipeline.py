@@ -57,6 +57,7 @@ class QuantSettings:
     seed: int = 0
     blocksize: int = 128
     awq_search_tokens: int = 16384
+    skip_first_tokens: int = 0  # leave the first token(s) of every sequence out of the GPTQ Hessians
     progress: bool = True
 
     @property
@@ -196,7 +197,10 @@ def _gptq_block(ad, prefix, calib, st, res, todo):
 
         def make_hook(n):
             def hook(mod, args):
-                hs[n].add(args[0])
+                x = args[0]
+                if st.skip_first_tokens and x.dim() == 3:
+                    x = x[:, st.skip_first_tokens:]
+                hs[n].add(x)
                 fired.add(n)
                 if len(fired) == len(names):
                     raise _Stop  # all inputs of this group captured: skip the rest of the block

@@ -77,9 +77,10 @@ def _fp16_exact(x: torch.Tensor, up: bool = False) -> torch.Tensor:
     """Round positive scales to fp16-representable fp32 values (``up``: never below ``x``)."""
     x = torch.clamp(x, min=_FP16_TINY, max=65504.0)
     y = x.to(torch.float16).to(torch.float32)
-    if up:
-        bump = torch.nextafter(y.to(torch.float16), torch.tensor(float("inf"), dtype=torch.float16)).to(torch.float32)
-        y = torch.where(y < x, bump, y)
+    if up:  # next fp16 value above y where rounding went down (fp16 ulp: 2**(e-11) for y in [2**(e-1), 2**e))
+        _, e = torch.frexp(y)
+        ulp = torch.exp2(torch.clamp(e.to(torch.float32) - 11, min=-24))
+        y = torch.where(y < x, y + ulp, y)
     return y
 
 
