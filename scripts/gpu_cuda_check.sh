@@ -13,7 +13,8 @@
 #
 # Steps can be given in any order and combination (each one is < 10 minutes on an H100). Environment:
 #   PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default: the visible GPU), MAX_JOBS (default: nproc),
-#   BENCH_ARGS (extra pytest args for the bench step, e.g. "-k cuda"), RESULTS (default bench/results).
+#   BENCH_PATHS (default bench/; e.g. "bench/bench_cuda.py bench/bench_rms_norm.py" to split the bench step into
+#   runs under 10 minutes), BENCH_ARGS (extra pytest args, e.g. "-k 'not vit_patched'"), RESULTS (bench/results).
 # Logs go to $RESULTS/gpu_cuda_check_<step>.log. Exit status: number of failed steps.
 set -u
 cd "$(dirname "$0")/.."
@@ -81,7 +82,8 @@ step_bench() {
   local json="$RESULTS/bench_${STAMP}_${gpu:-gpu}.json"
   local md="$RESULTS/bench_${STAMP}_${gpu:-gpu}.md"
   log "bench: pytest bench/ --benchmark-only -> $json, $md"
-  "$PY" -m pytest bench/ --benchmark-only -q ${BENCH_ARGS:-} --benchmark-json="$json" \
+  # shellcheck disable=SC2086
+  "$PY" -m pytest ${BENCH_PATHS:-bench/} --benchmark-only -q ${BENCH_ARGS:-} --benchmark-json="$json" \
     --benchmark-columns=median,iqr,rounds 2>&1 | tee "$RESULTS/bench_${STAMP}_terminal.txt"
   local rc=${PIPESTATUS[0]}
   "$PY" - "$json" "$md" <<'EOF'
