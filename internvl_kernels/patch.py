@@ -31,7 +31,7 @@ import torch.nn as nn
 
 from . import ops
 from .model.chat import InternVLChatModel
-from .model.vision import InternRMSNorm, InternVisionEncoderLayer, InternVisionModel, VisionOutput
+from .model.vision import InternRMSNorm, InternVisionEncoder, InternVisionEncoderLayer
 from .ops.attention import SUPPORTED_HEAD_DIMS
 
 try:  # the LLM's norm class
@@ -127,22 +127,11 @@ def _run_blocks(layers, h, states=None):
     return h
 
 
-class _KernelVisionModel:
-    """Mixin for ``InternVisionModel``: the encoder as one fused chain (residual add + next norm per step)."""
+class _KernelEncoder:
+    """Mixin for ``InternVisionEncoder``: the blocks as one fused chain (residual add + next norm per step)."""
 
-    def forward(self, pixel_values, output_hidden_states: bool = False, return_dict: bool = True):
-        h = self.embeddings(pixel_values)
-        states = [h] if output_hidden_states else None
-        h = _run_blocks(self.encoder.layers, h, states)
-        return VisionOutput(last_hidden_state=h, pooler_output=h[:, 0, :],
-                            hidden_states=tuple(states) if states else None)
-
-    def forward_features(self, pixel_values, layer: int = -1):
-        n = len(self.encoder.layers)
-        idx = layer if layer >= 0 else n + 1 + layer
-        if not 0 <= idx <= n:
-            raise IndexError(f"layer {layer} out of range for {n} blocks")
-        return _run_blocks(self.encoder.layers[:idx], self.embeddings(pixel_values))
+    def forward(self, hidden_states, num_layers=None, states=None):
+        return _run_blocks(self.layers[:num_layers], hidden_states, states)
 
 
 class _KernelChatModel:
@@ -203,7 +192,7 @@ def _swap(module: nn.Module, mixin: type) -> bool:
 def _rules(vision: bool, projector: bool, llm_norms: bool):
     rules = []
     if vision:
-        rules += [(InternVisionModel, _KernelVisionModel), (InternVisionEncoderLayer, _KernelEncoderLayer),
+        rules += [(InternVisionEncoder, _KernelEncoder), (InternVisionEncoderLayer, _KernelEncoderLayer),
                   (InternRMSNorm, _KernelInternRMSNorm)]
     if projector:
         rules.append((InternVLChatModel, _KernelChatModel))

@@ -16,6 +16,14 @@ def _samples(device, dtype=torch.float32):
         return torch.randn(*shape, device=device, dtype=dtype)
 
     C = 128
+    # quant_matmul: a random 4-bit GPTQ v1 weight (K=64, N=32, group 32) packed by the quantizer's packer
+    from quantize.formats import pack_gptq
+
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (32, 64), generator=g, dtype=torch.int32)
+    zeros = torch.randint(1, 16, (2, 32), generator=g, dtype=torch.int32)
+    qweight, qzeros = (t.to(device) for t in pack_gptq(codes, zeros, 4, version=1))
+    scales = (torch.rand(2, 32, generator=g) * 0.02 + 0.005).half().to(device)
     return {
         "rms_norm": ((r(2, 5, 96), r(96), 1e-6), {}),
         "layer_norm": ((r(2, 5, 96), r(96), r(96), 1e-6), {}),
@@ -27,6 +35,7 @@ def _samples(device, dtype=torch.float32):
         "pixel_shuffle_layer_norm": ((r(2, 16, 8), r(32), r(32), 0.5, "v2", 1e-5), {}),
         "linear": ((r(2, 3, 40), r(24, 40), r(24), "gelu"), {}),
         "mlp_projector": ((r(1, 4, 32), r(32), r(32), r(24, 32), r(24), r(16, 24), r(16), 1e-5), {}),
+        "quant_matmul": ((r(3, 64), qweight, scales, qzeros, None, r(32), 4, 32, "gptq"), {}),
     }
 
 

@@ -169,7 +169,7 @@ def test_patch_is_idempotent_and_selective(folders):
     model = InternVLChatModel.from_pretrained(folders["v1.2"])
     patch_model(model, llm_norms=False)
     first = patched_modules(model)
-    assert "" in first and "vision_model" in first and "vision_model.encoder.layers.0" in first
+    assert "" in first and "vision_model.encoder" in first and "vision_model.encoder.layers.0" in first
     assert not any(n.startswith("language_model") for n in first)
     classes = _classes(model)
     patch_model(model, llm_norms=False)  # twice: no-op
@@ -206,7 +206,7 @@ def test_patch_rejects_non_modules():
 
 def test_top_level_api_is_the_patch_module(folders):
     model = InternVLChatModel.from_pretrained(folders["v1.1"])
-    assert internvl_kernels.patch_model(model) is model and is_patched(model.vision_model)
+    assert internvl_kernels.patch_model(model) is model and is_patched(model.vision_model.encoder)
     assert internvl_kernels.unpatch_model(model) is model and not patched_modules(model)
 
 

@@ -148,6 +148,14 @@ class InternVisionEncoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(InternVisionEncoderLayer(config) for _ in range(config.num_hidden_layers))
 
+    def forward(self, hidden_states: torch.Tensor, num_layers: int | None = None, states: list | None = None):
+        """Run the first ``num_layers`` blocks (all by default); each block's output is appended to ``states``."""
+        for layer in self.layers[:num_layers]:
+            hidden_states = layer(hidden_states)
+            if states is not None:
+                states.append(hidden_states)
+        return hidden_states
+
 
 @dataclass
 class VisionOutput:
@@ -179,10 +187,7 @@ class InternVisionModel(nn.Module):
     def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False, return_dict: bool = True):
         h = self.embeddings(pixel_values)
         states = [h] if output_hidden_states else None
-        for layer in self.encoder.layers:
-            h = layer(h)
-            if states is not None:
-                states.append(h)
+        h = self.encoder(h, states=states)
         return VisionOutput(last_hidden_state=h, pooler_output=h[:, 0, :], hidden_states=tuple(states) if states else None)
 
     def forward_features(self, pixel_values: torch.Tensor, layer: int = -1) -> torch.Tensor:
@@ -191,10 +196,7 @@ class InternVisionModel(nn.Module):
         idx = layer if layer >= 0 else n + 1 + layer
         if not 0 <= idx <= n:
             raise IndexError(f"layer {layer} out of range for {n} blocks")
-        h = self.embeddings(pixel_values)
-        for blk in self.encoder.layers[:idx]:
-            h = blk(h)
-        return h
+        return self.encoder(self.embeddings(pixel_values), num_layers=idx)
 
     # -- loading ---------------------------------------------------------------------------------------------------
     @classmethod

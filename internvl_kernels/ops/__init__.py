@@ -8,8 +8,6 @@ per call by :mod:`internvl_kernels._backend` (``set_backend("auto"|"eager"|"trit
 """
 from __future__ import annotations
 
-import os as _os
-
 from ._common import launches, poison_outputs
 from .add_norm import add_layer_norm, add_rms_norm
 from .attention import attention
@@ -18,33 +16,21 @@ from .linear import linear, linear_choices
 from .mlp_projector import mlp_projector, projector_gemms
 from .pixel_shuffle import pixel_shuffle, pixel_shuffle_layer_norm
 from .qk_norm_attention import qk_norm_attention
+from .quant_matmul import quant_matmul
 from .rms_norm import rms_norm
 
 # op name (registry key of internvl_kernels._backend) for every custom op defined here
 OPS = (
     "rms_norm", "layer_norm", "add_rms_norm", "add_layer_norm", "attention", "qk_norm_attention", "pixel_shuffle",
-    "pixel_shuffle_layer_norm", "linear", "mlp_projector",
+    "pixel_shuffle_layer_norm", "linear", "mlp_projector", "quant_matmul",
 )
 
 __all__ = [
     "rms_norm", "layer_norm", "add_rms_norm", "add_layer_norm", "attention", "qk_norm_attention", "pixel_shuffle",
-    "pixel_shuffle_layer_norm", "linear", "mlp_projector", "projector_gemms", "linear_choices", "poison_outputs",
+    "pixel_shuffle_layer_norm", "linear", "mlp_projector", "quant_matmul", "projector_gemms", "linear_choices", "poison_outputs",
     "launches", "OPS",
 ]
 
-# Export slot for the quantized GEMM (another module's file): imported only where it exists.
-if _os.path.exists(_os.path.join(_os.path.dirname(__file__), "quant_matmul.py")):
-    try:
-        from .quant_matmul import *  # noqa: F401,F403
-        from . import quant_matmul as _qm
-
-        __all__ += list(getattr(_qm, "__all__", []))
-    except ImportError:  # pragma: no cover - its optional dependencies are missing
-        pass
-
-# CUDA implementations register themselves (register_impl(op, "cuda", fn)) when the extension module exists.
-if _os.path.exists(_os.path.join(_os.path.dirname(__file__), "_cuda.py")):
-    try:
-        from . import _cuda  # noqa: F401
-    except ImportError:  # pragma: no cover - extension not built
-        pass
+# CUDA implementations register themselves (register_impl(op, "cuda", fn)); without the compiled extension
+# _cuda logs one line and the Triton / eager implementations are used.
+from . import _cuda  # noqa: E402,F401
