@@ -100,6 +100,11 @@ def register_impl(op: str, backend_name: str, fn: Callable | None = None):
     return deco(fn) if fn is not None else deco
 
 
+def get_impl(op: str, backend_name: str) -> Callable | None:
+    """The registered ``backend_name`` implementation of ``op`` (None if there is none)."""
+    return _IMPLS.get(op, {}).get(backend_name)
+
+
 def available_impls(op: str) -> tuple[str, ...]:
     return tuple(_IMPLS.get(op, {}))
 

@@ -113,11 +113,12 @@ def status() -> str:
 # ------------------------------------------------------------------------------------------------- plumbing
 def _fallback(op: str):
     """The op's Triton implementation (eager if Triton is absent)."""
-    impls = _backend._IMPLS.get(op, {})  # noqa: SLF001 - same package; the registry has no public getter
-    if "triton" in impls and _backend.HAS_TRITON:
-        return impls["triton"]
-    if "eager" in impls:
-        return impls["eager"]
+    triton_impl = _backend.get_impl(op, "triton")
+    if triton_impl is not None and _backend.HAS_TRITON:
+        return triton_impl
+    eager_impl = _backend.get_impl(op, "eager")
+    if eager_impl is not None:
+        return eager_impl
     from ..model import functional as F_ref  # op registered no fallback (should not happen)
 
     return getattr(F_ref, op)
