@@ -16,6 +16,13 @@ from internvl_kernels.ops import _cuda
 
 
 # ------------------------------------------------------------------------------------------------------ loader
+@pytest.fixture(autouse=True)
+def _no_opt_out(monkeypatch):
+    """The loader tests describe a normal environment: a user's INTERNVL_KERNELS_NO_CUDA must not leak in
+    (the opt-out has its own test, which sets it)."""
+    monkeypatch.delenv("INTERNVL_KERNELS_NO_CUDA", raising=False)
+
+
 def test_missing_extension_reason():
     if "internvl_kernels._C" in sys.modules:
         pytest.skip("the extension is built here")
