@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--act-order", action="store_true", help="GPTQ desc_act: columns in descending Hessian diagonal")
     p.add_argument("--static-groups", action="store_true", help="GPTQ: fit groups before act-order permutation "
                    "(natural g_idx)")
+    p.add_argument("--mse", action="store_true", help="GPTQ: MSE grid search of each group's range (AutoGPTQ mse)")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, fraction of mean(diag H) (default 0.01)")
     p.add_argument("--parts", default=None, help="comma list of vision,llm (default: every part the checkpoint has)")
     p.add_argument("--skip", action="append", default=[], metavar="PATTERN",
@@ -138,7 +139,7 @@ def _main(args) -> int:
         parts = tuple(p.strip() for p in args.parts.split(",") if p.strip()) if args.parts else ("vision", "llm")
         skip = tuple(s.strip() for item in args.skip for s in item.split(",") if s.strip())
         st = QuantSettings(method=args.method, bits=args.bits, group_size=gs, sym=args.sym, act_order=args.act_order,
-                           static_groups=args.static_groups, damp=args.damp, fmt=fmt, skip=skip, device=str(dev),
+                           static_groups=args.static_groups, mse=args.mse, damp=args.damp, fmt=fmt, skip=skip, device=str(dev),
                            seed=args.seed, progress=not args.no_progress)
         if args.act_order and args.method != "gptq":
             raise QuantizeError(f"--act-order is a GPTQ option; --method {args.method} does not use it")

@@ -21,7 +21,7 @@ import torch
 
 from ._threads import single_thread_on_cpu
 from .result import QuantResult
-from .rtn import check_bits_group, dequantize_codes, fit_params, quantize_codes
+from .rtn import check_bits_group, dequantize_codes, fit_params, fit_params_mse, quantize_codes
 
 __all__ = ["Hessian", "gptq_quantize", "damped_inverse_cholesky"]
 
@@ -72,13 +72,23 @@ def damped_inverse_cholesky(H: torch.Tensor, damp: float = 0.01, max_tries: int 
 
 def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bool = False,
                   act_order: bool = False, static_groups: bool = False, damp: float = 0.01, blocksize: int = 128,
-                  min_zero: int = 0) -> QuantResult:
-    """GPTQ one Linear ``weight [out, in]`` given its Hessian ``H [in, in]`` (fp32; not modified)."""
+                  min_zero: int = 0, mse: bool = False) -> QuantResult:
+    """GPTQ one Linear ``weight [out, in]`` given its Hessian ``H [in, in]`` (fp32; not modified).
+
+    ``mse``: fit each group's range by AutoGPTQ's MSE grid search (:func:`quantize.rtn.fit_params_mse`) instead of
+    plain min/max.
+    """
     with single_thread_on_cpu(weight.device):
-        return _gptq_quantize(weight, H, bits, group_size, sym, act_order, static_groups, damp, blocksize, min_zero)
+        return _gptq_quantize(weight, H, bits, group_size, sym, act_order, static_groups, damp, blocksize, min_zero,
+                              mse)
 
 
-def _gptq_quantize(weight, H, bits, group_size, sym, act_order, static_groups, damp, blocksize, min_zero):
+def _gptq_quantize(weight, H, bits, group_size, sym, act_order, static_groups, damp, blocksize, min_zero, mse=False):
+    if mse:
+        def fit_params(w, bits, sym, style, min_zero):  # noqa: F811 - the MSE variant for every group fit
+            return fit_params_mse(w, bits, sym, min_zero)
+    else:
+        from .rtn import fit_params
     out_f, in_f = weight.shape
     gs = check_bits_group(bits, group_size, in_f)
     if H.shape != (in_f, in_f):

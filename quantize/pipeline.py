@@ -57,6 +57,7 @@ class QuantSettings:
     seed: int = 0
     blocksize: int = 128
     awq_search_tokens: int = 16384
+    mse: bool = False  # GPTQ: MSE grid search of each group's range (AutoGPTQ's mse option)
     skip_first_tokens: int = 0  # leave the first token(s) of every sequence out of the GPTQ Hessians
     progress: bool = True
 
@@ -223,7 +224,7 @@ def _gptq_block(ad, prefix, calib, st, res, todo):
             t0 = time.perf_counter()
             w = lin.weight.data
             r = gptq_quantize(w, hs[n].H, st.bits, st.group_size, st.sym, st.act_order, st.static_groups, st.damp,
-                              st.blocksize, st.min_zero)
+                              st.blocksize, st.min_zero, st.mse)
             _finish(res, prefix, n, lin, r, hs[n].H / 2, w.clone(), time.perf_counter() - t0)
             del hs[n]
 

@@ -19,7 +19,7 @@ import torch
 from ._threads import cpu_single_threaded
 from .result import QuantResult
 
-__all__ = ["fit_params", "quantize_codes", "dequantize_codes", "rtn_quantize", "check_bits_group"]
+__all__ = ["fit_params", "fit_params_mse", "quantize_codes", "dequantize_codes", "rtn_quantize", "check_bits_group"]
 
 _FP16_TINY = 2.0 ** -24  # smallest fp16 subnormal
 
@@ -58,6 +58,11 @@ def fit_params(w: torch.Tensor, bits: int, sym: bool, style: str = "gptq", min_z
         scale = torch.clamp(xmax - xmin, min=1e-5) / maxq
     else:
         raise ValueError(f"unknown parameter style {style!r}")
+    return _params_from_range(xmin, xmax, scale, bits, sym, min_zero)
+
+
+def _params_from_range(xmin, xmax, scale, bits, sym, min_zero):
+    maxq = (1 << bits) - 1
     scale = _fp16_exact(scale)
     if sym:
         zero = torch.full_like(scale, float((maxq + 1) // 2))
@@ -71,6 +76,37 @@ def fit_params(w: torch.Tensor, bits: int, sym: bool, style: str = "gptq", min_z
             scale = torch.where(low, torch.maximum(scale, need), scale)
             zero = torch.where(low, torch.full_like(zero, float(min_zero)), zero)
     return scale, zero
+
+
+def fit_params_mse(w: torch.Tensor, bits: int, sym: bool, min_zero: int = 0, grid: int = 100,
+                   maxshrink: float = 0.8, norm: float = 2.4) -> tuple[torch.Tensor, torch.Tensor]:
+    """AutoGPTQ's ``mse=True`` fit: shrink the (zero-including) range by ``p ∈ {1, 0.99, …, 1 − maxshrink}`` and
+    keep, per row, the ``p`` minimising ``Σ|w − Q(w)|^norm``."""
+    maxq = (1 << bits) - 1
+    w = w.to(torch.float32)
+    xmin0 = torch.clamp(w.amin(dim=1), max=0)
+    xmax0 = torch.clamp(w.amax(dim=1), min=0)
+    if sym:
+        xmax0 = torch.maximum(xmin0.abs(), xmax0)
+        xmin0 = torch.where(xmin0 < 0, -xmax0, xmin0)
+    dead = (xmin0 == 0) & (xmax0 == 0)
+    xmin0 = torch.where(dead, torch.full_like(xmin0, -1.0), xmin0)
+    xmax0 = torch.where(dead, torch.full_like(xmax0, 1.0), xmax0)
+    best_s = best_z = best_e = None
+    for i in range(int(maxshrink * grid)):
+        p = 1 - i / grid
+        xmin, xmax = p * xmin0, p * xmax0
+        s, z = _params_from_range(xmin, xmax, (xmax - xmin) / maxq, bits, sym, min_zero)
+        q = quantize_codes(w, s, z, bits)
+        e = (dequantize_codes(q, s, z) - w).abs().pow(norm).sum(1)
+        if best_e is None:
+            best_s, best_z, best_e = s, z, e
+        else:
+            better = e < best_e
+            best_s = torch.where(better, s, best_s)
+            best_z = torch.where(better, z, best_z)
+            best_e = torch.where(better, e, best_e)
+    return best_s, best_z
 
 
 def _fp16_exact(x: torch.Tensor, up: bool = False) -> torch.Tensor:

@@ -30,6 +30,13 @@ CONFIGS = {
     "gptq4ao": dict(method="gptq", bits=4, act_order=True), "awq4": dict(method="awq", bits=4),
     "rtn3": dict(method="rtn", bits=3), "gptq3": dict(method="gptq", bits=3),
     "gptq3ao": dict(method="gptq", bits=3, act_order=True), "awq3": dict(method="awq", bits=3),
+    # variants for the notes
+    "gptq4d10": dict(method="gptq", bits=4, damp=0.1), "gptq3d10": dict(method="gptq", bits=3, damp=0.1),
+    "gptq4sym": dict(method="gptq", bits=4, sym=True), "rtn4sym": dict(method="rtn", bits=4, sym=True),
+    "gptq4aos": dict(method="gptq", bits=4, act_order=True, static_groups=True),
+    "gptq3aos": dict(method="gptq", bits=3, act_order=True, static_groups=True),
+    "gptq4aomse": dict(method="gptq", bits=4, act_order=True, mse=True),
+    "gptq3aomse": dict(method="gptq", bits=3, act_order=True, mse=True),
 }
 
 

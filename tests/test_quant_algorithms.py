@@ -195,3 +195,19 @@ def test_errors():
     r = quantize.quantize_linear(W, None, "rtn", bits=4, group_size=24)
     with pytest.raises(ValueError, match="partial last group"):
         r.pack("awq")
+
+
+def test_mse_range_fit_never_worse_than_minmax():
+    from quantize.rtn import dequantize_codes, fit_params, fit_params_mse, quantize_codes
+
+    g = torch.Generator().manual_seed(9)
+    w = torch.randn(192, 64, generator=g) ** 3  # heavy tails: shrinking the range pays off
+    for bits, sym in [(4, False), (3, True), (2, False)]:
+        def err(s, z):
+            return (dequantize_codes(quantize_codes(w, s, z, bits), s, z) - w).abs().pow(2.4).sum(1)
+
+        e_mm, e_mse = err(*fit_params(w, bits, sym)), err(*fit_params_mse(w, bits, sym))
+        assert torch.all(e_mse <= e_mm + 1e-6) and float(e_mse.sum()) < 0.99 * float(e_mm.sum())
+    x = correlated_inputs(1024, 64, seed=9)
+    r = quantize.quantize_linear(w, x, "gptq", bits=3, group_size=32, mse=True, act_order=True)
+    assert torch.equal(formats.dequantize(r.pack("gptq_v2"), "gptq_v2", 3, 32, torch.float32), r.dequantized_stored)
