@@ -100,6 +100,7 @@ class LlamaBlock(_Block):
     sequential = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
                   ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
     no_clip = {"self_attn.q_proj", "self_attn.k_proj"}
+    sink_linears = {"self_attn.k_proj", "self_attn.v_proj"}  # see QuantSettings.sink_weight
 
     def forward(self, x, kwargs):
         out = self.module(x, **(kwargs or {}))

@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--static-groups", action="store_true", help="GPTQ: fit groups before act-order permutation "
                    "(natural g_idx)")
     p.add_argument("--mse", action="store_true", help="GPTQ: MSE grid search of each group's range (AutoGPTQ mse)")
+    p.add_argument("--sink-weight", type=float, default=512.0,
+                   help="GPTQ: weight of each window's first token (the attention sink, whose key/value every query "
+                        "reads) in the LLM k/v Hessians (default 512; 1 = AutoGPTQ's unweighted Hessian)")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, fraction of mean(diag H) (default 0.01)")
     p.add_argument("--parts", default=None, help="comma list of vision,llm (default: every part the checkpoint has)")
     p.add_argument("--skip", action="append", default=[], metavar="PATTERN",
@@ -139,10 +142,13 @@ def _main(args) -> int:
         parts = tuple(p.strip() for p in args.parts.split(",") if p.strip()) if args.parts else ("vision", "llm")
         skip = tuple(s.strip() for item in args.skip for s in item.split(",") if s.strip())
         st = QuantSettings(method=args.method, bits=args.bits, group_size=gs, sym=args.sym, act_order=args.act_order,
-                           static_groups=args.static_groups, mse=args.mse, damp=args.damp, fmt=fmt, skip=skip, device=str(dev),
-                           seed=args.seed, progress=not args.no_progress)
+                           static_groups=args.static_groups, mse=args.mse, sink_weight=args.sink_weight,
+                           damp=args.damp, fmt=fmt, skip=skip, device=str(dev), seed=args.seed,
+                           progress=not args.no_progress)
         if args.act_order and args.method != "gptq":
             raise QuantizeError(f"--act-order is a GPTQ option; --method {args.method} does not use it")
+        if not args.sink_weight > 0:
+            raise QuantizeError(f"--sink-weight must be > 0, got {args.sink_weight}")
         if not 0 < args.damp < 10:
             raise QuantizeError(f"--damp must be in (0, 10), got {args.damp}")
         dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)

@@ -64,7 +64,9 @@ def load_smollm2(dtype: torch.dtype = torch.float32, use_cache: bool = True):
 
     cache = _cache_dir()
     verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         if use_cache and os.path.isfile(os.path.join(cache, "config.json")):
             try:
@@ -93,6 +95,8 @@ def load_smollm2(dtype: torch.dtype = torch.float32, use_cache: bool = True):
         return model.to(dtype).eval(), tok
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _plain_llama(gguf_model):

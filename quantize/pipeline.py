@@ -58,7 +58,8 @@ class QuantSettings:
     blocksize: int = 128
     awq_search_tokens: int = 16384
     mse: bool = False  # GPTQ: MSE grid search of each group's range (AutoGPTQ's mse option)
-    skip_first_tokens: int = 0  # leave the first token(s) of every sequence out of the GPTQ Hessians
+    skip_first_tokens: int = 0
+    sink_weight: float = 1.0  # GPTQ: weight of each sequence's first token in the k/v projections' Hessians  # leave the first token(s) of every sequence out of the GPTQ Hessians
     progress: bool = True
 
     @property
@@ -201,6 +202,11 @@ def _gptq_block(ad, prefix, calib, st, res, todo):
                 x = args[0]
                 if st.skip_first_tokens and x.dim() == 3:
                     x = x[:, st.skip_first_tokens:]
+                if st.sink_weight != 1.0 and n in getattr(ad, "sink_linears", ()) and x.dim() == 3:
+                    # the first token of every window is the attention sink: its key/value reach every query,
+                    # so its rows count sink_weight times in the Hessian of k/v (GPTQ's objective)
+                    x = x.clone()
+                    x[:, 0] *= math.sqrt(st.sink_weight)
                 hs[n].add(x)
                 fired.add(n)
                 if len(fired) == len(names):

@@ -37,6 +37,12 @@ CONFIGS = {
     "gptq3aos": dict(method="gptq", bits=3, act_order=True, static_groups=True),
     "gptq4aomse": dict(method="gptq", bits=4, act_order=True, mse=True),
     "gptq3aomse": dict(method="gptq", bits=3, act_order=True, mse=True),
+    "gptq4aomsesink": dict(method="gptq", bits=4, act_order=True, mse=True, sink_weight=512.0),
+    "gptq3aomsesink": dict(method="gptq", bits=3, act_order=True, mse=True, sink_weight=512.0),
+    "gptq4sink": dict(method="gptq", bits=4, sink_weight=512.0),
+    "gptq3sink": dict(method="gptq", bits=3, sink_weight=512.0),
+    "gptq4aosink": dict(method="gptq", bits=4, act_order=True, sink_weight=512.0),
+    "gptq3aosink": dict(method="gptq", bits=3, act_order=True, sink_weight=512.0),
 }
 
 
@@ -66,13 +72,16 @@ def table(rows) -> str:
     for bits in (4, 3):
         rtn = by.get(f"rtn{bits}")
         for key, label in ((f"rtn{bits}", "RTN"), (f"gptq{bits}", "GPTQ"), (f"gptq{bits}ao", "GPTQ + act-order"),
-                           (f"awq{bits}", "AWQ")):
+                           (f"awq{bits}", "AWQ"), (f"gptq{bits}sink", "GPTQ + sink weight 512"),
+                           (f"gptq{bits}aosink", "GPTQ + act-order + sink weight 512"),
+                           (f"gptq{bits}aomse", "GPTQ + act-order + MSE range"),
+                           (f"gptq{bits}aomsesink", "GPTQ + act-order + MSE range + sink weight 512")):
             r = by.get(key)
             if r is None:
                 continue
             gap = r["ppl"] - ppl_float
             closed = "–" if rtn is None or key.startswith("rtn") else \
-                f"{100 * (rtn['ppl'] - r['ppl']) / (rtn['ppl'] - ppl_float):.0f} %"
+                f"{int(round(100 * (rtn['ppl'] - r['ppl']) / (rtn['ppl'] - ppl_float)))} %"
             out.append(f"| {bits} | {label} | {r['ppl']:.3f} | {gap:+.3f} | {closed} |")
     return "\n".join(out)
 

@@ -158,3 +158,21 @@ def test_skip_patterns_and_internlm2_qkv_tie(ckpts, tmp_path):
     assert "language_model.model.layers.1.attention.wqkv" in q["modules_to_not_convert"]
     assert "vision_model.encoder.layers.2.mlp.fc2" in q["modules_to_not_convert"]
     assert rep["metrics"]["vit_feature_sqnr_db"] > 35  # W8
+
+
+def test_sink_weight_changes_only_k_and_v(ckpts, tmp_path):
+    from quantize.pipeline import PipelineResult, Stream, llm_streams, quantize_stack
+
+    out = {}
+    for sw in (1.0, 512.0):
+        model, tok = build_model("v1.1", seed=7)
+        lm = model.language_model
+        ids = torch.randint(0, len(tok), (4, 24), generator=torch.Generator().manual_seed(0))
+        calib = llm_streams(lm, [{"input_ids": ids}], "cpu")
+        st = QuantSettings(method="gptq", bits=4, group_size=32, fmt="gptq_v2", sink_weight=sw, progress=False)
+        res = PipelineResult()
+        quantize_stack(torch.nn.ModuleList(lm.model.layers[:1]), "l", calib, st, res)
+        out[sw] = res.results
+    same = lambda n: torch.equal(out[1.0][n].intweight, out[512.0][n].intweight)  # noqa: E731
+    assert same("l.0.self_attn.q_proj")
+    assert not same("l.0.self_attn.k_proj") and not same("l.0.self_attn.v_proj")

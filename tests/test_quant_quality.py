@@ -3,8 +3,8 @@
 Regular (fast): one real SmolLM2-135M Linear with real calibration activations (GPTQ clearly below RTN on held-out
 activations); InternViT (random init, real 6B block structure, real photos through the tiler): feature SQNR at W4
 g128 per method, W8 >= 35 dB.
-Slow (``-m slow``; CI does not run them by default): the perplexity bars (GPTQ and AWQ close >= half of RTN's gap at W4
-and W3) and the full CPU demo.
+Slow (``-m slow``; CI should not run them by default): the perplexity bars (GPTQ and AWQ close >= half of RTN's gap at
+W4 and W3) and the full CPU demo.
 """
 import json
 import os
@@ -127,17 +127,21 @@ def test_perplexity_bars_smollm2_awq():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="known gap: on SmolLM2-135M (Q4_1-derived weights) GPTQ lowers every layer's "
-                   "output error (15-25 %) and the held-out hidden-state SQNR (+2-3 dB) but not the perplexity "
-                   "(W4 17.09 vs RTN 17.08; act-order closes 32 % / 37 % of the gap at W4 / W3); see quantize/README.md. "
-                   "Remove the xfail when it passes.")
 def test_perplexity_bars_smollm2_gptq():
-    """GPTQ (with act-order) closes at least half of RTN's perplexity gap at W4 and W3."""
-    rows = _ppl_rows(["rtn4", "gptq4", "gptq4ao", "rtn3", "gptq3", "gptq3ao"])
-    for b in (4, 3):
-        f, rtn = rows[f"rtn{b}"]["ppl_float"], rows[f"rtn{b}"]["ppl"]
-        best = min(rows[f"gptq{b}"]["ppl"], rows[f"gptq{b}ao"]["ppl"])
-        assert best <= f + 0.5 * (rtn - f), rows
+    """GPTQ with act-order, MSE range search and sink weighting (--act-order --mse --sink-weight 512) closes at least
+    half of RTN's perplexity gap at W4 and W3 (~15 min on 2 CPU cores)."""
+    rows = _ppl_rows(["rtn4", "gptq4aomsesink", "rtn3", "gptq3aomsesink"])
+    rows["gptq4"], rows["gptq3"] = rows["gptq4aomsesink"], rows["gptq3aomsesink"]
+    assert _closes_half(rows, "gptq", 4) and _closes_half(rows, "gptq", 3), rows
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="known: plain GPTQ (no act-order, min/max ranges, unweighted Hessian) only "
+                   "matches RTN's perplexity on SmolLM2-135M (W4 17.09 vs 17.08) although it lowers every layer's "
+                   "output error; see quantize/README.md. Remove the xfail if it ever passes.")
+def test_perplexity_bars_smollm2_plain_gptq():
+    rows = _ppl_rows(["rtn4", "gptq4"])
+    assert _closes_half(rows, "gptq", 4), rows
 
 
 @pytest.mark.slow
