@@ -176,3 +176,18 @@ def test_sink_weight_changes_only_k_and_v(ckpts, tmp_path):
     same = lambda n: torch.equal(out[1.0][n].intweight, out[512.0][n].intweight)  # noqa: E731
     assert same("l.0.self_attn.q_proj")
     assert not same("l.0.self_attn.k_proj") and not same("l.0.self_attn.v_proj")
+
+
+@pytest.mark.parametrize("preset,fmt,method", [("v1.5", "gptq", "gptq"), ("v1.2", "awq", "awq"),
+                                               ("v1.1", "gptq_v2", "rtn")])
+def test_quantized_runtime_loads_the_written_checkpoint(ckpts, tmp_path, preset, fmt, method):
+    """Integration with the quantized runtime (internvl_kernels.quant): it reproduces the fake-quantized model."""
+    pytest.importorskip("internvl_kernels.quant.loading")
+    lm, _, qdir = _run(ckpts[preset], tmp_path, method=method, fmt=fmt, bits=4, group_size=32,
+                       act_order=method == "gptq")
+    qm = InternVLChatModel.from_pretrained(qdir)
+    g = torch.Generator().manual_seed(1)
+    pv, ids = torch.randn(2, 3, 56, 56, generator=g), torch.randint(0, 300, (1, 12), generator=g)
+    with torch.no_grad():
+        assert torch.allclose(qm.language_model(ids).logits, lm.model.language_model(ids).logits, atol=1e-5)
+        assert torch.allclose(qm.extract_feature(pv), lm.model.extract_feature(pv), atol=1e-5)
