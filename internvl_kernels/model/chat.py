@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 
 import torch
 import torch.nn as nn
@@ -300,14 +299,3 @@ def materialize_buffers(model: nn.Module) -> None:
                             setattr(mod, attr, getattr(fresh, attr))
                     break
                 raise RuntimeError(f"buffer {name} of {type(mod).__name__} was not in the checkpoint")
-
-
-def copy_extra_files(src: str, dst: str, skip=(".safetensors", ".bin", "config.json", ".index.json")) -> list[str]:
-    """Copy tokenizer and other non-weight files of a checkpoint folder (used by writers)."""
-    copied = []
-    for name in os.listdir(src):
-        p = os.path.join(src, name)
-        if os.path.isfile(p) and not name.endswith(skip) and name != "config.json":
-            shutil.copy2(p, os.path.join(dst, name))
-            copied.append(name)
-    return copied
