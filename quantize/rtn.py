@@ -41,14 +41,7 @@ def fit_params(w: torch.Tensor, bits: int, sym: bool, style: str = "gptq", min_z
     maxq = (1 << bits) - 1
     w = w.to(torch.float32)
     if style == "gptq":
-        xmin = torch.clamp(w.amin(dim=1), max=0)
-        xmax = torch.clamp(w.amax(dim=1), min=0)
-        if sym:
-            xmax = torch.maximum(xmin.abs(), xmax)
-            xmin = torch.where(xmin < 0, -xmax, xmin)
-        dead = (xmin == 0) & (xmax == 0)
-        xmin = torch.where(dead, torch.full_like(xmin, -1.0), xmin)
-        xmax = torch.where(dead, torch.full_like(xmax, 1.0), xmax)
+        xmin, xmax = _gptq_range(w, sym)
         scale = (xmax - xmin) / maxq
     elif style == "awq":
         xmin, xmax = w.amin(dim=1), w.amax(dim=1)
@@ -59,6 +52,19 @@ def fit_params(w: torch.Tensor, bits: int, sym: bool, style: str = "gptq", min_z
     else:
         raise ValueError(f"unknown parameter style {style!r}")
     return _params_from_range(xmin, xmax, scale, bits, sym, min_zero)
+
+
+def _gptq_range(w: torch.Tensor, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """AutoGPTQ's per-row range: [min, max] widened to include 0, symmetric if asked, (-1, 1) for all-zero rows."""
+    xmin = torch.clamp(w.amin(dim=1), max=0)
+    xmax = torch.clamp(w.amax(dim=1), min=0)
+    if sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = torch.where(xmin < 0, -xmax, xmin)
+    dead = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(dead, torch.full_like(xmin, -1.0), xmin)
+    xmax = torch.where(dead, torch.full_like(xmax, 1.0), xmax)
+    return xmin, xmax
 
 
 def _params_from_range(xmin, xmax, scale, bits, sym, min_zero):
@@ -84,14 +90,7 @@ def fit_params_mse(w: torch.Tensor, bits: int, sym: bool, min_zero: int = 0, gri
     keep, per row, the ``p`` minimising ``Σ|w − Q(w)|^norm``."""
     maxq = (1 << bits) - 1
     w = w.to(torch.float32)
-    xmin0 = torch.clamp(w.amin(dim=1), max=0)
-    xmax0 = torch.clamp(w.amax(dim=1), min=0)
-    if sym:
-        xmax0 = torch.maximum(xmin0.abs(), xmax0)
-        xmin0 = torch.where(xmin0 < 0, -xmax0, xmin0)
-    dead = (xmin0 == 0) & (xmax0 == 0)
-    xmin0 = torch.where(dead, torch.full_like(xmin0, -1.0), xmin0)
-    xmax0 = torch.where(dead, torch.full_like(xmax0, 1.0), xmax0)
+    xmin0, xmax0 = _gptq_range(w, sym)
     best_s = best_z = best_e = None
     for i in range(int(maxshrink * grid)):
         p = 1 - i / grid
