@@ -155,14 +155,14 @@ def _llama(hidden, inter, heads, layers, vocab, dtype, device):
 def _quantize_random_(model, bits, gs, layout):
     """Every decoder Linear → QuantLinear with random packed tensors (lm_head stays bf16, as checkpoints keep it)."""
     from internvl_kernels.quant import QuantLinear
-    from internvl_kernels.quant.loading import _set_submodule
+    from internvl_kernels.quant.loading import set_submodule
 
     for name, mod in list(model.model.layers.named_modules()):
         if isinstance(mod, torch.nn.Linear):
             t = random_packed(mod.in_features, mod.out_features, bits, gs, layout, mod.weight.device)
             q = QuantLinear.from_packed(t["qweight"], t["qzeros"], t["scales"], None, bits=bits, group_size=gs,
                                         layout=layout, dtype=mod.weight.dtype)
-            _set_submodule(model.model.layers, name, q.to(mod.weight.device))
+            set_submodule(model.model.layers, name, q.to(mod.weight.device))
     return model
 
 

@@ -2,7 +2,7 @@
 
 Target (issue 4): <= 10 min and <= 16 GB peak on one GPU. The model is built in bf16 on the CPU (seeded random init,
 ~11 GB of CPU memory), calibrated with real photos (skimage.data) through the dynamic tiler (448 px tiles), and
-quantized block by block with only the current block on the GPU (quantize.pipeline). Writes
+quantized block by block with only the current block on the GPU (quantize.engine). Writes
 bench/results/gpu_quantize_vit6b.{json,md}.
 
     python bench/gpu_quantize_vit6b.py                       # 45 blocks, GPTQ W4 g128, all 12 calibration photos
@@ -67,7 +67,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU (--device cuda)")
-    from quantize.pipeline import QuantSettings
+    from quantize.engine import QuantSettings
     from quantize.runner import RunConfig, run
 
     t0 = time.perf_counter()

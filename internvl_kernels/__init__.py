@@ -4,6 +4,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from ._backend import backend, get_backend, set_backend  # noqa: E402
+from .options import set_linear_impl, set_qk_norm  # noqa: E402
 
 
 def patch_model(model, *args, **kwargs):
@@ -20,4 +21,13 @@ def unpatch_model(model):
     return _unpatch(model)
 
 
-__all__ = ["__version__", "backend", "get_backend", "set_backend", "patch_model", "unpatch_model"]
+def status(device=None) -> dict:
+    """Versions, the CUDA extension and which backend each op uses here and why (:mod:`internvl_kernels.status`;
+    ``python -m internvl_kernels`` prints it)."""
+    from .status import status as _status
+
+    return _status(device)
+
+
+__all__ = ["__version__", "backend", "get_backend", "set_backend", "patch_model", "unpatch_model", "status",
+           "set_qk_norm", "set_linear_impl"]

@@ -31,8 +31,9 @@ import torch.nn as nn
 
 from . import ops
 from .model.chat import InternVLChatModel
-from .model.vision import InternRMSNorm, InternVisionEncoder, InternVisionEncoderLayer
+from .model.vision import InternAttention, InternRMSNorm, InternVisionEncoder, InternVisionEncoderLayer
 from .ops.attention import SUPPORTED_HEAD_DIMS
+from .options import check_qk_norm
 
 try:  # the LLM's norm class
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
@@ -74,7 +75,7 @@ def _attention(attn: nn.Module, h: torch.Tensor) -> torch.Tensor:
     qkv = attn.qkv(h)
     if attn.qk_normalization:
         out = ops.qk_norm_attention(qkv, attn.q_norm.weight, attn.k_norm.weight, attn.num_heads, attn.q_norm.eps,
-                                    attn.scale)
+                                    attn.scale, qk_norm=getattr(attn, _QK_NORM_ATTR, None))
     else:
         q, k, v = qkv.reshape(B, N, 3, attn.num_heads, attn.head_dim).unbind(2)
         out = ops.attention(q, k, v, attn.scale).reshape(B, N, C)
@@ -201,12 +202,23 @@ def _rules(vision: bool, projector: bool, llm_norms: bool):
     return rules
 
 
-def patch_model(model: nn.Module, *, vision: bool = True, projector: bool = True, llm_norms: bool = True):
-    """Switch ``model``'s modules to the kernel-backed forwards (in place; returns ``model``). See module docs."""
+_QK_NORM_ATTR = "_ik_qk_norm"
+
+
+def patch_model(model: nn.Module, *, vision: bool = True, projector: bool = True, llm_norms: bool = True,
+                qk_norm: str | None = None):
+    """Switch ``model``'s modules to the kernel-backed forwards (in place; returns ``model``). See module docs.
+
+    ``qk_norm`` (``"fold"`` | ``"exact"``; ``None`` = the process default of
+    :func:`internvl_kernels.options.set_qk_norm`) is how the ViT's ``qk_norm_attention`` applies the k norm."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch_model expects a torch.nn.Module, got {type(model).__name__}")
+    if qk_norm is not None:
+        qk_norm = check_qk_norm(qk_norm)
     rules = _rules(vision, projector, llm_norms)
     for _, mod in model.named_modules():
+        if vision and qk_norm is not None and isinstance(mod, InternAttention):
+            object.__setattr__(mod, _QK_NORM_ATTR, qk_norm)
         for base, mixin in rules:
             if isinstance(mod, base):
                 _swap(mod, mixin)
@@ -219,6 +231,7 @@ def unpatch_model(model: nn.Module):
     for _, mod in model.named_modules():
         while is_patched(mod):
             mod.__class__ = type(mod).__dict__["_ik_base"]
+        mod.__dict__.pop(_QK_NORM_ATTR, None)
     return model
 
 

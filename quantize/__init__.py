@@ -1,10 +1,10 @@
 """GPTQ / AWQ / RTN quantizers for InternViT and the LLM of InternVL-Chat (``python -m quantize``).
 
-Public API: :func:`quantize_linear` (one Linear), :class:`QuantResult`, :mod:`quantize.formats` (bit-exact packers and
+Public API: :func:`quantize_linear` (one Linear), :class:`QuantResult`, :mod:`internvl_kernels.quant.formats` (bit-exact packers and
 unpackers for GPTQ v1 / gptq_v2 / AWQ GEMM). The model pipeline and CLI live in :mod:`quantize.pipeline` and
 :mod:`quantize.cli` (``python -m quantize --help``).
 """
-from . import formats
+from internvl_kernels.quant import formats
 from .linear import METHODS, quantize_linear
 from .result import QuantResult
 

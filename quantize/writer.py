@@ -1,12 +1,12 @@
 """Write a quantized checkpoint folder in the source checkpoint's own (official) layout.
 
 * Unquantized tensors keep their official names and the model's dtype; quantized Linears become
-  ``<name>.qweight / .qzeros / .scales / .g_idx (GPTQ formats) / .bias`` (see :mod:`quantize.formats`).
+  ``<name>.qweight / .qzeros / .scales / .g_idx (GPTQ formats) / .bias`` (see :mod:`internvl_kernels.quant.formats`).
 * InternVL-Chat-V1.5 (InternLM2 LLM): the LLM is written in the InternLM2 layout — q/k/v of each layer merged into
-  one quantized ``attention.wqkv`` (:func:`quantize.formats.merge_internlm2_wqkv`), ``wo``, ``w1/w3/w2``.
+  one quantized ``attention.wqkv`` (:func:`internvl_kernels.checkpoint.internlm2.merge_quantized_wqkv`), ``wo``, ``w1/w3/w2``.
 * ``config.json`` = the source config + ``quantization_config``; ``quantize_config.json`` holds the same dict;
   tokenizer and every other non-weight file of the source folder are copied.
-* Sharded safetensors + index via ``internvl_kernels.model.loading.save_state_dict``.
+* Sharded safetensors + index via ``internvl_kernels.checkpoint.files.save_state_dict``.
 """
 from __future__ import annotations
 
@@ -14,30 +14,17 @@ import json
 import os
 import re
 
-import torch
-
-from . import formats
+from internvl_kernels.checkpoint import internlm2
+from internvl_kernels.checkpoint.files import save_state_dict
 
 __all__ = ["official_name_map", "build_state_dict", "write_checkpoint"]
-
-
-def _llm_key_to_internlm2(key: str, llm_config: dict) -> str:
-    from internvl_kernels.model.internlm2 import llama_to_internlm2_state_dict
-
-    out = llama_to_internlm2_state_dict({key: torch.empty(0)}, llm_config)
-    (new,) = out.keys()
-    return new
 
 
 def official_linear_name(kind: str, name: str, model) -> str:
     """In-memory Linear name → the name its tensors get in the written checkpoint (non-q/k/v)."""
     if kind == "internvl_chat" and name.startswith("language_model.") and \
             model.config.llm_architecture == "InternLM2ForCausalLM":
-        inner = name[len("language_model."):]
-        m = re.match(r"^(model\.layers\.\d+)\.self_attn\.[qkv]_proj$", inner)
-        if m:  # q/k/v live in one packed wqkv
-            return f"language_model.{m.group(1)}.attention.wqkv"
-        return "language_model." + _llm_key_to_internlm2(inner + ".weight", model.config.llm_config)[:-len(".weight")]
+        return "language_model." + internlm2.to_internlm2_name(name[len("language_model."):])  # q/k/v → wqkv
     return name
 
 
@@ -54,7 +41,7 @@ def build_state_dict(kind: str, model, results: dict, fmt: str) -> tuple[dict, l
     else:
         raise ValueError(f"unknown model kind {kind!r}")
     sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
-    internlm2 = kind == "internvl_chat" and model.config.llm_architecture == "InternLM2ForCausalLM"
+    is_internlm2 = kind == "internvl_chat" and model.config.llm_architecture == "InternLM2ForCausalLM"
     quantized: list[str] = []
     pending_qkv: dict[str, dict] = {}
     for name, r in results.items():
@@ -63,7 +50,7 @@ def build_state_dict(kind: str, model, results: dict, fmt: str) -> tuple[dict, l
         if module.bias is not None:
             tensors["bias"] = module.bias.detach().cpu()
         m = re.match(r"^language_model\.(model\.layers\.\d+)\.self_attn\.(q|k|v)_proj$", name)
-        if internlm2 and m:
+        if is_internlm2 and m:
             pending_qkv.setdefault(m.group(1), {})[m.group(2)] = tensors
             continue
         off = official_linear_name(kind, name, model)
@@ -75,16 +62,13 @@ def build_state_dict(kind: str, model, results: dict, fmt: str) -> tuple[dict, l
             sd[f"{off}.{k}"] = t
         quantized.append(off)
     if pending_qkv:
-        cfg = model.config.llm_config
-        nh = cfg["num_attention_heads"]
-        nkv = cfg.get("num_key_value_heads", nh)
-        hd = cfg["hidden_size"] // nh
+        nh, nkv, hd = internlm2.heads(model.config.llm_config)
         for layer, parts in pending_qkv.items():
             if set(parts) != {"q", "k", "v"}:
                 raise ValueError(f"{layer}: InternLM2 packs q/k/v into one wqkv; quantize all three or none "
                                  f"(got {sorted(parts)})")
-            merged = formats.merge_internlm2_wqkv(parts["q"], parts["k"], parts["v"], nh, nkv, hd, fmt,
-                                                  results[f"language_model.{layer}.self_attn.q_proj"].bits)
+            merged = internlm2.merge_quantized_wqkv(parts["q"], parts["k"], parts["v"], nh, nkv, hd, fmt,
+                                                    results[f"language_model.{layer}.self_attn.q_proj"].bits)
             off = f"language_model.{layer}.attention.wqkv"
             del sd[off + ".weight"]
             sd.pop(off + ".bias", None)
@@ -115,8 +99,6 @@ def copy_other_files(src: str, dst: str) -> list[str]:
 def write_checkpoint(out_dir: str, kind: str, model, raw_config: dict, results: dict, qconfig: dict,
                      src_dir: str | None = None, tokenizer=None, max_shard_size: int = 5 * 1024 ** 3) -> list[str]:
     """Write everything into ``out_dir`` (which must exist and be empty: the caller's temporary folder)."""
-    from internvl_kernels.model.loading import save_state_dict
-
     sd, quantized = build_state_dict(kind, model, results, qconfig["format"] if "format" in qconfig else
                                      ("awq" if qconfig["quant_method"] == "awq" else qconfig["checkpoint_format"]))
     copied = []

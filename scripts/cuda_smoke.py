@@ -82,7 +82,7 @@ def main() -> int:
             C.attention(q, k, v, 0.1)
         ran.append("attention")
     if want("quant_matmul"):
-        from quantize import formats as fm
+        from internvl_kernels.quant import formats as fm
 
         K, N = 1024, 512
         for bits in (4, 8):

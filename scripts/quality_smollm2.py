@@ -48,7 +48,7 @@ CONFIGS = {
 
 def run_one(name, kw, args):
     from quantize.demo import load_smollm2
-    from quantize.pipeline import QuantSettings
+    from quantize.engine import QuantSettings
     from quantize.runner import LoadedModel, RunConfig, run
 
     model, tok = load_smollm2(torch.float32)

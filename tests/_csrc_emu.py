@@ -210,9 +210,9 @@ def case_qk_norm_attention(dtype, B, S, C, H):
 
 # ----------------------------------------------------------------------------------------------- quant_matmul
 def case_quant_matmul(dtype, bits, layout, act, M, K, N, gs, bias=False, split=0, scales_fp32=False):
-    from quantize import formats as fm
+    from internvl_kernels.quant import formats as fm
 
-    from internvl_kernels.quant.dequant import quant_matmul_reference
+    from internvl_kernels.quant import quant_matmul_reference
 
     g = torch.Generator().manual_seed(M * 7 + K + N + bits + gs)
     G = -(-K // gs)

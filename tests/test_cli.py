@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from internvl_kernels.model.loading import load_state_dict
+from internvl_kernels.checkpoint.files import load_state_dict
 from internvl_kernels.model.testing import write_checkpoint
 from quantize.cli import main
 

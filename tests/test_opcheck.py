@@ -17,7 +17,7 @@ def _samples(device, dtype=torch.float32):
 
     C = 128
     # quant_matmul: a random 4-bit GPTQ v1 weight (K=64, N=32, group 32) packed by the quantizer's packer
-    from quantize.formats import pack_gptq
+    from internvl_kernels.quant.formats import pack_gptq
 
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(0, 16, (32, 64), generator=g, dtype=torch.int32)

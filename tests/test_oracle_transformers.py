@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from internvl_kernels.model import InternVisionModel, InternVLChatModel
 from internvl_kernels.model import functional as KF
-from internvl_kernels.model.internlm2 import internlm2_config_to_llama, llama_to_internlm2_state_dict
+from internvl_kernels.checkpoint.internlm2 import internlm2_config_to_llama, llama_to_internlm2_state_dict
 from internvl_kernels.model.chat import llama_config_from_llm_config
 from internvl_kernels.model.testing import randomize_, tiny_vision_config
 
@@ -178,7 +178,7 @@ def test_internlm2_converted_to_llama_matches_direct_equations():
     err = (out - ref).abs().max().item()
     assert err <= 1e-4 * max(1.0, ref.abs().max().item()), err
 
-    from internvl_kernels.model.internlm2 import internlm2_to_llama_state_dict
+    from internvl_kernels.checkpoint.internlm2 import internlm2_to_llama_state_dict
 
     back = internlm2_to_llama_state_dict(sd_internlm2, cfg)
     for k, v in llama.state_dict().items():
@@ -187,7 +187,7 @@ def test_internlm2_converted_to_llama_matches_direct_equations():
 
 def test_internlm2_wqkv_split_is_gqa_interleaved():
     """The split must follow InternLM2's row layout [kv_head][q_0..q_{g-1}, k, v][head_dim] — checked on labels."""
-    from internvl_kernels.model.internlm2 import split_wqkv
+    from internvl_kernels.checkpoint.internlm2 import split_wqkv
 
     cfg = dict(hidden_size=8, num_attention_heads=4, num_key_value_heads=2)
     hd, g = 2, 2

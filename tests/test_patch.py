@@ -199,6 +199,34 @@ def test_patched_model_keeps_identity_and_pickles(folders):
     assert type(clone) is InternVLChatModel and type(model) is not InternVLChatModel
 
 
+@torch.no_grad()
+def test_patch_model_qk_norm_mode_reaches_the_kernel(vision_folders, device, monkeypatch):
+    vit = InternVisionModel.from_pretrained(vision_folders["6b"], device=device)
+    pv = torch.randn(1, 3, 56, 56, device=device)
+    seen = []
+    real = ops.qk_norm_attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("qk_norm"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "qk_norm_attention", spy)
+    with pytest.raises(ValueError, match="qk_norm must be one of"):
+        patch_model(vit, qk_norm="approximately")
+    patch_model(vit, qk_norm="exact")
+    with set_backend("triton"):
+        out = vit(pv).last_hidden_state
+    assert seen and set(seen) == {"exact"}
+    ref = unpatch_model(vit)(pv).last_hidden_state
+    assert_close(out, ref, **FP32)
+    assert not any("_ik_qk_norm" in m.__dict__ for m in vit.modules())  # unpatch forgets the mode
+    seen.clear()
+    patch_model(vit)  # no mode: the process default (None → options.get_qk_norm())
+    with set_backend("triton"):
+        vit(pv)
+    assert seen and set(seen) == {None}
+
+
 def test_patch_rejects_non_modules():
     with pytest.raises(TypeError, match="nn.Module"):
         patch_model("model")

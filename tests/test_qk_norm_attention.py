@@ -7,17 +7,19 @@ from _kernel_utils import DTYPE_IDS, DTYPES, assert_close, assert_flash_rule, ru
 
 from internvl_kernels import ops
 from internvl_kernels.model import functional as F
+from internvl_kernels import options
 from internvl_kernels.ops.qk_norm_attention import qk_rstd
+from internvl_kernels.options import set_qk_norm
 
 # the Triton interpreter's own NumPy deprecation noise
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 
 
 @pytest.fixture(params=["fold", "exact"])
-def mode(request, monkeypatch):
-    """The kernel's two ways of applying the k normalization (see ops/qk_norm_attention.py)."""
-    monkeypatch.setenv("INTERNVL_KERNELS_QK_NORM", request.param)
-    return request.param
+def mode(request):
+    """The kernel's two ways of applying the k normalization (see ops/qk_norm_attention.py), as the default."""
+    with set_qk_norm(request.param):
+        yield request.param
 
 
 def _inputs(B, S, H, D, dtype, device):
@@ -88,12 +90,18 @@ def test_qk_norm_attention_modes_agree_and_unknown_mode_fails(monkeypatch, devic
     qkv, wq, wk = _inputs(1, 40, 2, 64, torch.float16, device)
     outs = {}
     for m in ("fold", "exact"):
-        monkeypatch.setenv("INTERNVL_KERNELS_QK_NORM", m)
-        outs[m] = run_kernel(ops.qk_norm_attention, qkv, wq, wk, 2).float()
+        outs[m] = run_kernel(ops.qk_norm_attention, qkv, wq, wk, 2, qk_norm=m).float()
     assert (outs["fold"] - outs["exact"]).abs().max() < 5e-3
+    with set_qk_norm("exact"):  # the process default, used when the call names no mode
+        assert torch.equal(run_kernel(ops.qk_norm_attention, qkv, wq, wk, 2).float(), outs["exact"])
+    with pytest.raises(ValueError, match="qk_norm must be one of"):
+        ops.qk_norm_attention(qkv, wq, wk, 2, qk_norm="sloppy")
+    with pytest.raises(ValueError, match="qk_norm must be one of"):
+        set_qk_norm("sloppy")
+    # the environment variable only sets the default (read once at import); a bad value names the variable
     monkeypatch.setenv("INTERNVL_KERNELS_QK_NORM", "sloppy")
-    with pytest.raises(ValueError, match="INTERNVL_KERNELS_QK_NORM"):
-        run_kernel(ops.qk_norm_attention, qkv, wq, wk, 2)
+    with pytest.raises(ValueError, match="INTERNVL_KERNELS_QK_NORM='sloppy'"):
+        options.env_default("INTERNVL_KERNELS_QK_NORM", "fold", options.QK_NORM_MODES)
 
 
 def test_qk_norm_attention_eager_backend_is_the_reference(device):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import quantize
-from quantize import formats
+from internvl_kernels.quant import formats
 from quantize.gptq import Hessian, gptq_quantize
 
 

@@ -1,10 +1,11 @@
-"""Bit-exact packers/unpackers (quantize.formats): hand-computed layouts, an independent loop oracle, round-trips."""
+"""Bit-exact packers/unpackers (internvl_kernels.quant.formats): hand-computed layouts, an independent loop oracle, round-trips."""
 import itertools
 
 import pytest
 import torch
 
-from quantize import formats as F
+from internvl_kernels.checkpoint.internlm2 import merge_quantized_wqkv, split_quantized_wqkv
+from internvl_kernels.quant import formats as F
 
 
 def u32(x: int) -> int:
@@ -187,7 +188,7 @@ def test_internlm2_wqkv_merge_split_inverse(fmt, bits):
         if fmt != "awq":
             d["g_idx"] = F.make_g_idx(in_f, gs)
         parts.append((d, iw))
-    merged = F.merge_internlm2_wqkv(*[p[0] for p in parts], nh, nkv, hd, fmt, bits)
+    merged = merge_quantized_wqkv(*[p[0] for p in parts], nh, nkv, hd, fmt, bits)
     # the merged dequantized weight equals the float rows placed in InternLM2's interleaved order
     deq = [F.dequantize(p[0], fmt, bits, gs, torch.float32) for p in parts]
     wm = F.dequantize(merged, fmt, bits, gs, torch.float32)
@@ -196,7 +197,7 @@ def test_internlm2_wqkv_merge_split_inverse(fmt, bits):
     assert torch.equal(view[:, :gq].reshape(-1, in_f), deq[0])
     assert torch.equal(view[:, gq].reshape(-1, in_f), deq[1])
     assert torch.equal(view[:, gq + 1].reshape(-1, in_f), deq[2])
-    back = F.split_internlm2_wqkv(merged, nh, nkv, hd, fmt, bits)
+    back = split_quantized_wqkv(merged, nh, nkv, hd, fmt, bits)
     for b, (d, _) in zip(back, parts):
         assert set(b) == set(d)
         for key in d:

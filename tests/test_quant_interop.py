@@ -2,7 +2,7 @@
 
 The expected ``qweight`` / ``qzeros`` are assembled here with plain Python integer loops straight from the layout
 definitions (AutoGPTQ's ``QuantLinear.pack`` procedure for 2/3/4/8 bits incl. the 3-bit word-straddling, v1's
-zero − 1, AWQ-GEMM's ``[0, 2, 4, 6, 1, 3, 5, 7]`` nibble order) — independent of ``quantize.formats`` — and the
+zero − 1, AWQ-GEMM's ``[0, 2, 4, 6, 1, 3, 5, 7]`` nibble order) — independent of ``internvl_kernels.quant.formats`` — and the
 runtime (dequantize, eager and Triton ``quant_matmul``, QuantLinear, the InternLM2 ``wqkv`` split) must decode them
 exactly. Optional: tensors packed by AutoAWQ itself (``autoawq`` installed with ``--no-deps``).
 """

@@ -4,7 +4,7 @@ dequantized weights in plain nn.Linear): logits within tolerance, identical gree
 
 The quantized folders here are written by a small writer in this file (RTN / GPTQ codes from
 ``quantize.quantize_linear`` packed with ``QuantResult.pack``, official key names, ``quantization_config`` as
-``quantize.formats.quantization_config`` builds it), so the loader is tested on its own; the quantizer's CLI output
+``internvl_kernels.quant.formats.quantization_config`` builds it), so the loader is tested on its own; the quantizer's CLI output
 is loaded in :func:`test_quantizer_cli_output_loads`.
 """
 from __future__ import annotations
@@ -22,12 +22,13 @@ import torch.nn as nn
 import internvl_kernels
 import quantize
 from internvl_kernels.model import CheckpointError, InternVLChatModel
-from internvl_kernels.model.loading import load_state_dict, save_state_dict
+from internvl_kernels.checkpoint.files import load_state_dict, save_state_dict
 from internvl_kernels.model.testing import PRESETS, write_checkpoint, write_vision_checkpoint
 from internvl_kernels.ops import _common
-from internvl_kernels.quant import QuantLinear, dequantize_model, load_quantized_llm, load_quantized_vit
+from internvl_kernels.model import load_quantized_llm, load_quantized_vit
+from internvl_kernels.quant import QuantLinear, dequantize_model
 from internvl_kernels.quant.loading import UnsupportedQuantizationError
-from quantize import formats as fm
+from internvl_kernels.quant import formats as fm
 
 VISION_LINEAR = re.compile(r"^(vision_model\.)?encoder\.layers\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.weight$")
 LLM_LINEAR = re.compile(r"^(language_model\.)?model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj|"
@@ -382,7 +383,7 @@ def test_quantizer_output_matches_its_fake_quant_model(base, tmp_path, preset, m
     model; the quantizer's in-memory model after the run holds the same dequantized weights (AWQ scales folded) in
     plain Linears: features and logits agree, greedy tokens are identical (fp32)."""
     runner = pytest.importorskip("quantize.runner", reason="the quantizer pipeline (quantize.runner) is not present")
-    from quantize.pipeline import QuantSettings
+    from quantize.engine import QuantSettings
     from transformers import AutoTokenizer
 
     lm = runner.load_model(base[preset])

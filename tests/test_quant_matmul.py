@@ -17,8 +17,8 @@ import internvl_kernels
 from internvl_kernels import _backend
 from internvl_kernels.ops import _common
 from internvl_kernels.ops.quant_matmul import SPLITK_MAX_M, quant_matmul, quant_matmul_triton
-from internvl_kernels.quant.dequant import dequantize, quant_matmul_reference
-from quantize import formats as fm
+from internvl_kernels.quant import dequantize, quant_matmul_reference
+from internvl_kernels.quant import formats as fm
 
 HAS_CUDA = torch.cuda.is_available()
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -37,7 +37,7 @@ FORMAT_CASES = [(lay, b, act) for lay, b in CASES for act in ((False, True) if l
 
 def make_quant(K: int, N: int, bits: int, group_size: int, layout: str, act_order: bool = False, seed: int = 0,
                device="cpu", scale: float = 1.0):
-    """Random codes / zeros / fp16 scales packed with quantize.formats (the interop test checks the packing itself).
+    """Random codes / zeros / fp16 scales packed with internvl_kernels.quant.formats (the interop test checks the packing itself).
 
     Scales are sized so that ``x @ W.T`` with unit-variance ``x`` is O(scale): the matmul, not the bias, carries the
     signal the SQNR measures."""

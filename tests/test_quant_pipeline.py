@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from internvl_kernels.model import InternVLChatModel, InternVisionModel
-from internvl_kernels.model.loading import load_state_dict, save_state_dict
+from internvl_kernels.checkpoint.files import load_state_dict, save_state_dict
 from internvl_kernels.model.testing import build_model, build_tokenizer, write_checkpoint, write_vision_checkpoint
-from quantize import formats
+from internvl_kernels.quant import formats
 from quantize.blocks import LlamaBlock, VitBlock, fold_scale
-from quantize.pipeline import QuantSettings
+from quantize.engine import QuantSettings
 from quantize.runner import RunConfig, load_model, run
 
 FAST = dict(nsamples=4, seqlen=32, eval_windows=2, eval_images=1, max_calib_images=2, mm_samples=1, batch_size=2)
@@ -26,7 +26,7 @@ def ckpts(tmp_path_factory):
 
 
 def dequantize_folder(qdir: str, dst: str) -> dict:
-    """Independent reader: every quantized Linear → float ``.weight`` via quantize.formats; writes a float folder."""
+    """Independent reader: every quantized Linear → float ``.weight`` via internvl_kernels.quant.formats; writes a float folder."""
     with open(os.path.join(qdir, "config.json")) as f:
         cfg = json.load(f)
     q = cfg.pop("quantization_config")
@@ -161,7 +161,8 @@ def test_skip_patterns_and_internlm2_qkv_tie(ckpts, tmp_path):
 
 
 def test_sink_weight_changes_only_k_and_v(ckpts, tmp_path):
-    from quantize.pipeline import PipelineResult, Stream, llm_streams, quantize_stack
+    from quantize.engine import PipelineResult, quantize_stack
+    from quantize.streams import Stream, llm_streams
 
     out = {}
     for sw in (1.0, 512.0):

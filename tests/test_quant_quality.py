@@ -81,7 +81,7 @@ def _vit_model(seed=0, layers=3):
 
 
 def test_internvit_feature_sqnr(tmp_path):
-    from quantize.pipeline import QuantSettings
+    from quantize.engine import QuantSettings
     from quantize.runner import RunConfig, run
 
     results = {}

@@ -3,7 +3,7 @@
 The CPU suite runs the kernels in the interpreter, which checks what they compute but not that they compile for a
 GPU (tensor-core dot shapes, layouts, shared memory). This test compiles one representative configuration per
 kernel and dtype path and checks its shared memory against the H100's limit; ``python -m
-internvl_kernels.ops._aot_check --all`` does the same for every autotune configuration.
+internvl_kernels.ops.aot_check --all`` does the same for every autotune configuration.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def test_kernels_compile_for_sm90():
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-m", "internvl_kernels.ops._aot_check"], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "internvl_kernels.ops.aot_check"], capture_output=True, text=True,
                        env=env, cwd=ROOT, timeout=900)
     if r.returncode != 0 and "ptxas" in (r.stdout + r.stderr) and "not found" in (r.stdout + r.stderr).lower():
         pytest.skip("this triton install has no bundled ptxas")

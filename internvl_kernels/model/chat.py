@@ -16,8 +16,9 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 from . import functional as KF
 from .configuration import InternVLChatConfig, UnsupportedConfigError
 from .conversation import get_conv_template
-from .internlm2 import internlm2_config_to_llama, internlm2_to_llama_state_dict, llama_to_internlm2_state_dict
-from .loading import CheckpointError, load_into_module, load_state_dict, save_state_dict, strip_prefix
+from ..checkpoint.config import config_dtype, read_config, read_quant_config
+from ..checkpoint.files import CheckpointError, load_into_module, load_state_dict, save_state_dict, strip_prefix
+from ..checkpoint.internlm2 import internlm2_config_to_llama, internlm2_to_llama_state_dict, llama_to_internlm2_state_dict
 from .vision import InternVisionModel
 
 logger = logging.getLogger("internvl_kernels")
@@ -209,14 +210,11 @@ class InternVLChatModel(nn.Module):
         """Load an official InternVL-Chat hub folder (or one written by :meth:`save_pretrained` / the fixtures)."""
         if not os.path.isdir(path):
             raise FileNotFoundError(f"model folder not found: {path}")
-        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-            raw = json.load(f)
+        raw = read_config(path)
         config = InternVLChatConfig.from_dict(raw)
-        dtype = dtype or _config_dtype(raw) or torch.float32
+        dtype = dtype or config_dtype(raw) or torch.float32
         # Tensors go straight to ``device`` shard by shard (host memory never holds the whole model).
         sd = load_state_dict(path, device=device)
-        from internvl_kernels.quant.loading import read_quant_config
-
         qcfg = read_quant_config(path, raw)
 
         with torch.device("meta"):
@@ -236,7 +234,7 @@ class InternVLChatModel(nn.Module):
             llm["lm_head.weight"] = llm.get("model.embed_tokens.weight")
 
         if qcfg:
-            from internvl_kernels.quant.loading import apply_quantization  # the quantized runtime
+            from ..quant.loading import apply_quantization  # the quantized runtime
 
             apply_quantization(model, qcfg, sd_parts={"vision_model": vis, "mlp1": mlp, "language_model": llm}, dtype=dtype)
         # load_into_module casts floating tensors to each module's own dtype (quantized buffers keep theirs).
@@ -276,11 +274,6 @@ class InternVLChatModel(nn.Module):
         save_state_dict(self.official_state_dict(), path, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
-
-
-def _config_dtype(raw: dict):
-    name = raw.get("torch_dtype") or raw.get("dtype") or (raw.get("llm_config") or {}).get("torch_dtype")
-    return getattr(torch, name) if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype) else None
 
 
 def materialize_buffers(model: nn.Module) -> None:

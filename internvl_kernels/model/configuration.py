@@ -7,14 +7,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
-import os
 from dataclasses import dataclass, field
-from typing import Any
 
+from ..checkpoint.config import UnsupportedConfigError, read_config
 
-class UnsupportedConfigError(ValueError):
-    """A config value this implementation does not support (named in the message)."""
+__all__ = ["InternVisionConfig", "InternVLChatConfig", "UnsupportedConfigError"]
 
 
 @dataclass
@@ -80,7 +77,7 @@ class InternVisionConfig:
 
     @classmethod
     def from_json_file(cls, path: str) -> "InternVisionConfig":
-        return cls.from_dict(_read_json(path))
+        return cls.from_dict(read_config(path))
 
 
 @dataclass
@@ -155,16 +152,4 @@ class InternVLChatConfig:
 
     @classmethod
     def from_json_file(cls, path: str) -> "InternVLChatConfig":
-        return cls.from_dict(_read_json(path))
-
-
-def _read_json(path: str) -> dict[str, Any]:
-    if os.path.isdir(path):
-        path = os.path.join(path, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
+        return cls.from_dict(read_config(path))

@@ -16,6 +16,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..quant import formats as _qformats
+
 __all__ = [
     "rms_norm",
     "layer_norm",
@@ -28,6 +30,9 @@ __all__ = [
     "pixel_shuffle_layer_norm",
     "mlp_projector",
     "gelu",
+    "linear",
+    "dequantize_packed",
+    "quant_matmul",
 ]
 
 
@@ -159,6 +164,13 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           activation: str = "none") -> torch.Tensor:
+    """``nn.Linear`` (``weight [out, in]``) with an optional exact-GELU epilogue (``activation="gelu"``)."""
+    y = F.linear(x, weight, bias)
+    return gelu(y) if activation == "gelu" else y
+
+
 def mlp_projector(
     x: torch.Tensor,
     ln_weight: torch.Tensor,
@@ -174,3 +186,24 @@ def mlp_projector(
     h = F.linear(h, w1, b1)
     h = gelu(h)
     return F.linear(h, w2, b2)
+
+
+def dequantize_packed(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, g_idx: torch.Tensor | None,
+                      bits: int, group_size: int, layout: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Packed checkpoint tensors of one Linear → float weight ``[out_features, in_features]`` (nn.Linear layout).
+
+    ``W[n, k] = (q[n, k] - zero[g(k), n]) * scale[g(k), n]`` computed in fp32 (scales upcast from fp16), then cast to
+    ``dtype``. ``layout`` is a format of :mod:`internvl_kernels.quant.formats` (``"gptq"`` = v1, ``"gptq_v2"``,
+    ``"awq"``); ``g_idx=None`` means ``k // group_size`` (AWQ never has one).
+    """
+    return _qformats.get_format(layout).dequantize(qweight, qzeros, scales, g_idx, bits, group_size,
+                                                   dtype=torch.float32).to(dtype)
+
+
+def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
+                 g_idx: torch.Tensor | None, bits: int, group_size: int, layout: str,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Weight-only quantized Linear: dequantize in fp32, ``x.float() @ W.T (+ bias)`` in fp32, cast to ``x.dtype``."""
+    w = dequantize_packed(qweight, scales, qzeros, g_idx, bits, group_size, layout, dtype=torch.float32)
+    y = F.linear(x.to(torch.float32), w, None if bias is None else bias.to(torch.float32))
+    return y.to(x.dtype)

@@ -24,7 +24,7 @@ import os
 import torch
 
 from .configuration import InternVisionConfig, InternVLChatConfig
-from .loading import save_state_dict
+from ..checkpoint.files import save_state_dict
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>"]
 

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from . import functional as KF
 from .configuration import InternVisionConfig
-from .loading import load_into_module, load_state_dict, strip_prefix
+from ..checkpoint.config import read_config, read_quant_config
+from ..checkpoint.files import load_into_module, load_state_dict, save_state_dict, strip_prefix
 
 
 class InternRMSNorm(nn.Module):
@@ -202,9 +203,7 @@ class InternVisionModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype | None = None, device=None) -> "InternVisionModel":
         """Load a standalone InternViT folder (``config.json`` + safetensors; keys without ``vision_model.``)."""
-        from .configuration import _read_json
-
-        raw = _read_json(path)
+        raw = read_config(path)
         config = InternVisionConfig.from_dict(raw)
         sd = load_state_dict(path, device=device)  # floating tensors are cast to the module dtypes on assignment
         if any(k.startswith("vision_model.") for k in sd):  # an InternVL-Chat folder's vision tower
@@ -215,10 +214,10 @@ class InternVisionModel(nn.Module):
         with torch.device("meta"):
             model = cls(config)
         model.to(dtype)
-        from internvl_kernels.quant.loading import apply_quantization, read_quant_config
-
         qcfg = read_quant_config(path, raw)
         if qcfg:  # GPTQ / AWQ folder written by ``python -m quantize``: QuantLinear for every ``.qweight``
+            from ..quant.loading import apply_quantization  # the quantized runtime
+
             apply_quantization(model, qcfg, sd, dtype=dtype)
         load_into_module(model, sd, f"InternViT checkpoint {path}")
         model.eval()
@@ -228,8 +227,6 @@ class InternVisionModel(nn.Module):
 
     def save_pretrained(self, path: str, max_shard_size: int = 5 * 1024**3) -> None:
         import json
-
-        from .loading import save_state_dict
 
         os.makedirs(path, exist_ok=True)
         with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:

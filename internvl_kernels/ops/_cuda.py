@@ -5,9 +5,11 @@ CPU-only install, ``pip install .`` without ``--no-build-isolation``, ``INTERNVL
 against another torch / CUDA major version, it logs **one** line and registers nothing: ``set_backend("cuda")``
 then runs Triton for every op (:func:`internvl_kernels._backend.resolve` falls back per op).
 
-When it loads, each op below is registered with ``register_impl(op, "cuda", fn)``. The wrappers take exactly the
-arguments of the op's Triton/eager implementations and route the cases the CUDA kernels do not cover to the
-op's Triton implementation (eager where Triton is absent):
+When it loads, each op below is registered with ``register_impl(op, "cuda", impl, can_implement=...)``. Each
+:class:`CudaImpl` takes exactly the arguments of the op's Triton/eager implementations and declares what its kernel
+covers with ``can_implement(*args) -> (ok, reason)``; a call it cannot run goes to the next implementation in
+priority order (Triton, else eager), and the reason is kept (:func:`internvl_kernels._backend.rejections`, a debug
+log line at first occurrence, ``python -m internvl_kernels``). What the kernels do not cover:
 
 ==========================  ===================================================  ===============================
 op                          CUDA kernel                                          routed to Triton
@@ -35,6 +37,7 @@ import os
 import torch
 
 from .. import _backend
+from ..quant import formats
 from . import _common
 
 logger = logging.getLogger("internvl_kernels")
@@ -47,6 +50,7 @@ OPS = (
 # 16 rows, so M > 16 would re-read the weights); larger M goes to Triton (split-K up to 32 rows, then tiled GEMM).
 QUANT_MATMUL_MAX_M = 16
 _HALF = (torch.float16, torch.bfloat16)
+HEAD_DIMS = (64, 128)
 
 _ext = None  # the loaded extension module
 _error: str | None = None  # why it is not used (None when it is)
@@ -112,13 +116,10 @@ def status() -> str:
 
 # ------------------------------------------------------------------------------------------------- plumbing
 def _fallback(op: str):
-    """The op's Triton implementation (eager if Triton is absent)."""
-    triton_impl = _backend.get_impl(op, "triton")
-    if triton_impl is not None and _backend.HAS_TRITON:
-        return triton_impl
-    eager_impl = _backend.get_impl(op, "eager")
-    if eager_impl is not None:
-        return eager_impl
+    """The next implementation of ``op`` in priority order after CUDA: Triton, else eager."""
+    impl = _backend.next_impl(op, "cuda")
+    if impl is not None:
+        return impl
     from ..model import functional as F_ref  # op registered no fallback (should not happen)
 
     return getattr(F_ref, op)
@@ -142,10 +143,6 @@ def _call(op: str, *args):
     return getattr(torch.ops.internvl_kernels_cuda, op)(*args)
 
 
-def _same_dtype(ref: torch.Tensor, *ts) -> bool:
-    return all(t is None or t.dtype == ref.dtype for t in ts)
-
-
 _SM_OK: dict = {}
 
 
@@ -158,106 +155,194 @@ def _sm80(t: torch.Tensor) -> bool:
     return ok
 
 
-# ----------------------------------------------------------------------------------------------- wrappers
-def rms_norm(x, weight, eps=1e-6):
-    if not _sm80(x) or not _same_dtype(x, weight):
-        return _fallback("rms_norm")(x, weight, eps)
-    return _call("rms_norm", x, weight, float(eps))
+OK = (True, "ok")
 
 
-def layer_norm(x, weight, bias, eps=1e-6):
-    if not _sm80(x) or not _same_dtype(x, weight, bias):
-        return _fallback("layer_norm")(x, weight, bias, eps)
-    return _call("layer_norm", x, weight, bias, float(eps))
+def _same_dtype(ref: torch.Tensor, names: str, *ts):
+    """``(True, "ok")`` or ``(False, reason)`` when a tensor of ``ts`` (named in ``names``) differs in dtype."""
+    for name, t in zip(names.split(), ts):
+        if t is not None and t.dtype != ref.dtype:
+            return False, f"mixed dtypes ({name} is {t.dtype}, the input {ref.dtype}; the CUDA kernel needs one dtype)"
+    return OK
 
 
-def add_rms_norm(x, residual, weight, eps=1e-6, scale=None):
-    if not _sm80(x) or not _same_dtype(x, residual, weight, scale):
-        return _fallback("add_rms_norm")(x, residual, weight, eps, scale)
-    return _call("add_rms_norm", x, residual, weight, float(eps), scale)  # (new_residual, normed)
+def _gpu(t: torch.Tensor):
+    if not _sm80(t):
+        return False, "GPU older than sm_80 (the extension is built for sm_80+)"
+    return OK
 
 
-def add_layer_norm(x, residual, weight, bias, eps=1e-6, scale=None):
-    if not _sm80(x) or not _same_dtype(x, residual, weight, bias, scale):
-        return _fallback("add_layer_norm")(x, residual, weight, bias, eps, scale)
-    return _call("add_layer_norm", x, residual, weight, bias, float(eps), scale)  # (new_residual, normed)
+def _first_fail(*checks):
+    for c in checks:
+        ok, why = c() if callable(c) else c
+        if not ok:
+            return False, why
+    return OK
 
 
+class CudaImpl:
+    """The CUDA implementation of one op: ``can_implement(*args) -> (ok, reason)`` and the launch."""
+
+    def __init__(self, op: str, can_implement, launch):
+        self.op, self._can, self._launch = op, can_implement, launch
+        self.__name__ = f"cuda_{op}"
+
+    def can_implement(self, *args, **kwargs) -> tuple[bool, str]:
+        return self._can(*args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        ok, why = self._can(*args, **kwargs)
+        if not ok:
+            _backend.note_rejection(self.op, "cuda", why)
+            return _fallback(self.op)(*args, **kwargs)
+        return self._launch(*args, **kwargs)
+
+    def __repr__(self):
+        return f"CudaImpl({self.op!r})"
+
+
+# ----------------------------------------------------------------------------------------------- the ops
 def _ratio(scale_factor: float) -> int:
     return round(1 / scale_factor)  # validated by the custom op (integer 1/scale_factor)
 
 
-def pixel_shuffle(x, scale_factor=0.5, version="v2"):
-    if not _sm80(x):
-        return _fallback("pixel_shuffle")(x, scale_factor, version)
-    return _call("pixel_shuffle", x, _ratio(scale_factor), version == "v2")
+def _can_dtype_half(t: torch.Tensor):
+    if t.dtype not in _HALF:
+        return False, f"{t.dtype} input (the CUDA kernel is fp16/bf16 only)"
+    return OK
 
 
-def pixel_shuffle_layer_norm(x, weight, bias, scale_factor=0.5, version="v2", eps=1e-5):
-    if not _sm80(x) or not _same_dtype(x, weight, bias):
-        return _fallback("pixel_shuffle_layer_norm")(x, weight, bias, scale_factor, version, eps)
-    return _call("pixel_shuffle_layer_norm", x, weight, bias, _ratio(scale_factor), version == "v2", float(eps))
+def _can_head_dim(D: int):
+    if D not in HEAD_DIMS:
+        return False, f"head_dim {D} (the CUDA kernel has {HEAD_DIMS})"
+    return OK
 
 
-def mlp_projector(x, ln_weight, ln_bias, w1, b1, w2, b2, eps=1e-5):
-    if not _sm80(x):
-        return _fallback("mlp_projector")(x, ln_weight, ln_bias, w1, b1, w2, b2, eps)
-    return _call("mlp_projector", x, ln_weight, ln_bias, w1, b1, w2, b2, float(eps))
+rms_norm = CudaImpl(
+    "rms_norm",
+    lambda x, weight, eps=1e-6: _first_fail(lambda: _gpu(x), _same_dtype(x, "weight", weight)),
+    lambda x, weight, eps=1e-6: _call("rms_norm", x, weight, float(eps)))
+
+layer_norm = CudaImpl(
+    "layer_norm",
+    lambda x, weight, bias, eps=1e-6: _first_fail(lambda: _gpu(x), _same_dtype(x, "weight bias", weight, bias)),
+    lambda x, weight, bias, eps=1e-6: _call("layer_norm", x, weight, bias, float(eps)))
+
+add_rms_norm = CudaImpl(  # returns (new_residual, normed)
+    "add_rms_norm",
+    lambda x, residual, weight, eps=1e-6, scale=None: _first_fail(
+        lambda: _gpu(x), _same_dtype(x, "residual weight scale", residual, weight, scale)),
+    lambda x, residual, weight, eps=1e-6, scale=None: _call("add_rms_norm", x, residual, weight, float(eps), scale))
+
+add_layer_norm = CudaImpl(  # returns (new_residual, normed)
+    "add_layer_norm",
+    lambda x, residual, weight, bias, eps=1e-6, scale=None: _first_fail(
+        lambda: _gpu(x), _same_dtype(x, "residual weight bias scale", residual, weight, bias, scale)),
+    lambda x, residual, weight, bias, eps=1e-6, scale=None: _call("add_layer_norm", x, residual, weight, bias,
+                                                                  float(eps), scale))
+
+pixel_shuffle = CudaImpl(
+    "pixel_shuffle",
+    lambda x, scale_factor=0.5, version="v2": _gpu(x),
+    lambda x, scale_factor=0.5, version="v2": _call("pixel_shuffle", x, _ratio(scale_factor), version == "v2"))
+
+pixel_shuffle_layer_norm = CudaImpl(
+    "pixel_shuffle_layer_norm",
+    lambda x, weight, bias, scale_factor=0.5, version="v2", eps=1e-5: _first_fail(
+        lambda: _gpu(x), _same_dtype(x, "weight bias", weight, bias)),
+    lambda x, weight, bias, scale_factor=0.5, version="v2", eps=1e-5: _call(
+        "pixel_shuffle_layer_norm", x, weight, bias, _ratio(scale_factor), version == "v2", float(eps)))
+
+mlp_projector = CudaImpl(
+    "mlp_projector",
+    lambda x, ln_weight, ln_bias, w1, b1, w2, b2, eps=1e-5: _gpu(x),
+    lambda x, ln_weight, ln_bias, w1, b1, w2, b2, eps=1e-5: _call("mlp_projector", x, ln_weight, ln_bias, w1, b1,
+                                                                  w2, b2, float(eps)))
+
+attention = CudaImpl(
+    "attention",
+    lambda q, k, v, scale=None: _first_fail(_can_dtype_half(q), _can_head_dim(q.shape[-1]),
+                                            _same_dtype(q, "k v", k, v), lambda: _gpu(q)),
+    lambda q, k, v, scale=None: _call("attention", q, k, v, None if scale is None else float(scale)))
 
 
-def attention(q, k, v, scale=None):
-    if q.dtype not in _HALF or q.shape[-1] not in (64, 128) or not _same_dtype(q, k, v) or not _sm80(q):
-        return _fallback("attention")(q, k, v, scale)
-    return _call("attention", q, k, v, None if scale is None else float(scale))
-
-
-def qk_norm_attention(qkv, q_norm_weight, k_norm_weight, num_heads, eps=1e-6, scale=None):
+def _can_qk_norm_attention(qkv, q_norm_weight, k_norm_weight, num_heads, eps=1e-6, scale=None, qk_norm=None):
     C = qkv.shape[-1] // 3
     D = C // num_heads if num_heads > 0 else 0
-    if (qkv.dtype not in _HALF or D not in (64, 128) or C % 8 != 0
-            or not _same_dtype(qkv, q_norm_weight, k_norm_weight) or not _sm80(qkv)):
-        return _fallback("qk_norm_attention")(qkv, q_norm_weight, k_norm_weight, num_heads, eps, scale)
-    return _call("qk_norm_attention", qkv, q_norm_weight, k_norm_weight, int(num_heads), float(eps),
-                 None if scale is None else float(scale))
+    return _first_fail(_can_dtype_half(qkv), _can_head_dim(D),
+                       (C % 8 == 0, f"C={C} channels not a multiple of 8 (16-byte rows)"),
+                       _same_dtype(qkv, "q_norm_weight k_norm_weight", q_norm_weight, k_norm_weight),
+                       lambda: _gpu(qkv))
 
 
-_ZERO_OFFSET = {"gptq": 1, "gptq_v2": 0}
+# the CUDA kernel always applies the reference's two roundings (what qk_norm="exact" asks of Triton)
+qk_norm_attention = CudaImpl(
+    "qk_norm_attention", _can_qk_norm_attention,
+    lambda qkv, q_norm_weight, k_norm_weight, num_heads, eps=1e-6, scale=None, qk_norm=None: _call(
+        "qk_norm_attention", qkv, q_norm_weight, k_norm_weight, int(num_heads), float(eps),
+        None if scale is None else float(scale)))
 
 
-def quant_matmul(x, qweight, scales, qzeros, g_idx, bias, bits, group_size, layout):
+def _can_quant_matmul(x, qweight, scales, qzeros, g_idx, bias, bits, group_size, layout):
     K = x.shape[-1]
     N = qweight.shape[-1]
     M = x.numel() // K if K else 0
-    if (layout not in _ZERO_OFFSET or bits not in (4, 8) or x.dtype not in _HALF or K % 16 or N % 32
-            or M > QUANT_MATMUL_MAX_M or (g_idx is not None and g_idx.dtype not in (torch.int32, torch.int64))
-            or not _sm80(x)):
-        return _fallback("quant_matmul")(x, qweight, scales, qzeros, g_idx, bias, bits, group_size, layout)
+    fmt = formats.get_format(layout)
+    return _first_fail(
+        (fmt.has_g_idx, f"layout {layout!r} (the CUDA kernel reads the GPTQ layouts)"),
+        (bits in (4, 8), f"{bits}-bit (the CUDA kernel has 4 and 8 bits)"),
+        _can_dtype_half(x),
+        (K % 16 == 0, f"in_features={K} not a multiple of 16"),
+        (N % 32 == 0, f"out_features={N} not a multiple of 32"),
+        (M <= QUANT_MATMUL_MAX_M, f"M={M} rows > {QUANT_MATMUL_MAX_M} (the CUDA kernel is the decode kernel of "
+                                  "one 16-row m-tile; larger M runs the Triton GEMM)"),
+        (g_idx is None or g_idx.dtype in (torch.int32, torch.int64), "g_idx is neither int32 nor int64"),
+        lambda: _gpu(x))
+
+
+def _launch_quant_matmul(x, qweight, scales, qzeros, g_idx, bias, bits, group_size, layout):
     if g_idx is not None and g_idx.dtype != torch.int32:
         g_idx = g_idx.to(torch.int32)
     return _call("quant_matmul", x, qweight, scales, qzeros, g_idx, bias, int(bits), int(group_size),
-                 _ZERO_OFFSET[layout])
+                 formats.get_format(layout).zero_offset)
 
 
-_WRAPPERS = {
-    "rms_norm": rms_norm, "layer_norm": layer_norm, "add_rms_norm": add_rms_norm, "add_layer_norm": add_layer_norm,
-    "pixel_shuffle": pixel_shuffle, "pixel_shuffle_layer_norm": pixel_shuffle_layer_norm,
-    "mlp_projector": mlp_projector, "attention": attention, "qk_norm_attention": qk_norm_attention,
-    "quant_matmul": quant_matmul,
-}
+quant_matmul = CudaImpl("quant_matmul", _can_quant_matmul, _launch_quant_matmul)
+
+_WRAPPERS = {impl.op: impl for impl in (rms_norm, layer_norm, add_rms_norm, add_layer_norm, pixel_shuffle,
+                                        pixel_shuffle_layer_norm, mlp_projector, attention, qk_norm_attention,
+                                        quant_matmul)}
+
+
+def build_info() -> dict:
+    """What the loaded extension says about its build (``{}`` when it is not loaded)."""
+    return _parse_build_info(_ext.build_info()) if _ext is not None else {}
+
+
+def unavailable_reason() -> str | None:
+    """Why the extension is not used (``None`` when it is)."""
+    return None if _ext is not None else _error
+
+
+def registered() -> tuple[str, ...]:
+    """The ops the extension registered as their ``cuda`` implementation."""
+    return _registered
 
 
 def _init() -> None:
     global _ext, _error, _registered
     _ext, _error = _load()
     if _ext is None:
+        _backend.set_unavailable("cuda", f"extension not used: {_error}")
         # One line. Expected (INFO) without a CUDA torch or when opted out; a WARNING where CUDA kernels could run.
         quiet = torch.version.cuda is None or _error == "INTERNVL_KERNELS_NO_CUDA is set"
         logger.log(logging.INFO if quiet else logging.WARNING,
                    "internvl_kernels: CUDA backend unavailable: %s; set_backend('cuda') runs the Triton kernels.",
                    _error)
         return
-    for op, fn in _WRAPPERS.items():
-        _backend.register_impl(op, "cuda", fn)
+    _backend.set_unavailable("cuda", None)
+    for op, impl in _WRAPPERS.items():
+        _backend.register_impl(op, "cuda", impl, can_implement=impl.can_implement)
     _registered = tuple(_WRAPPERS)
 
 

@@ -8,7 +8,7 @@ the GELU, and makes an extra read + write of the activation.
 
 cuBLAS vs Triton: on CUDA the ``triton`` backend times both paths once per (M bucket, N, K, dtype, activation) —
 cuBLAS ``addmm`` (+ a separate GELU) against the fused Triton kernel — and keeps the faster one
-(:func:`linear_choices` shows the decisions; ``INTERNVL_KERNELS_LINEAR=triton|cublas`` forces one). Under the
+(:func:`linear_choices` shows the decisions; ``internvl_kernels.options.set_linear_impl("triton"|"cublas")`` forces one; ``INTERNVL_KERNELS_LINEAR`` sets the default). Under the
 interpreter the Triton kernel always runs. fp32 inputs use IEEE fp32 dots (no TF32), as PyTorch's default.
 """
 from __future__ import annotations
@@ -21,11 +21,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import _backend
+from .. import _backend, options
 from ..model import functional as F_ref
 from ._common import (
     INTERPRET, autotune_configs, check_float, check_rank, check_same_device, check_same_dtype, count_launch,
-    env_flag, new_empty, upcast_dots,
+    env_flag, new_empty, upcast_dots, next_pow2,
 )
 from ._tl import to_dtype
 
@@ -184,18 +184,14 @@ def linear_choices() -> dict:
     return dict(_CHOICES)
 
 
-def _m_bucket(m: int) -> int:
-    return 1 << max(0, (m - 1).bit_length())
-
-
 def _pick(x2: Tensor, weight: Tensor, bias: Optional[Tensor], gelu: bool) -> str:
     if INTERPRET or x2.device.type != "cuda":
         return "triton"
-    mode = env_flag("INTERNVL_KERNELS_LINEAR", "auto")
+    mode = options.get_linear_impl()
     if mode in ("triton", "cublas"):
         return mode
     M, K = x2.shape
-    key = (_m_bucket(M), weight.shape[0], K, str(x2.dtype).replace("torch.", ""), "gelu" if gelu else "none")
+    key = (next_pow2(M), weight.shape[0], K, str(x2.dtype).replace("torch.", ""), "gelu" if gelu else "none")
     choice = _CHOICES.get(key)
     if choice is None:
         if torch.cuda.is_current_stream_capturing():
@@ -243,8 +239,7 @@ def linear_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, acti
 
 
 def linear_eager(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: str = "none") -> Tensor:
-    y = F.linear(x, weight, bias)
-    return (F_ref.gelu(y) if activation == "gelu" else y).contiguous()
+    return F_ref.linear(x, weight, bias, activation).contiguous()
 
 
 _backend.register_impl(OP, "eager", linear_eager)

@@ -15,7 +15,7 @@ k over **all C channels** (3200, not per head) before splitting heads, which no 
      the reference rounds ``k · rstd_k`` and ``· w_k`` to the input dtype; here k is unrounded and the rounding
      sits on the ``q̂ ⊙ w_k`` side instead. Same error magnitude (one dtype rounding per operand product); the
      tests hold it to the flash-attention rule.
-   * ``exact`` (``INTERNVL_KERNELS_QK_NORM=exact``): every k tile is normalized as it streams by with the
+   * ``exact`` (``qk_norm="exact"``, :func:`internvl_kernels.options.set_qk_norm`): every k tile is normalized as it streams by with the
      reference's two roundings, so the dots see exactly the reference's normalized q and k (≈ one extra
      elementwise pass over each k tile per query block: slower, for verification).
 
@@ -32,10 +32,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import _backend
+from .. import _backend, options
 from ..model import functional as F_ref
 from ._common import (
-    check_float, check_rank, check_same_device, check_same_dtype, check_vector, count_launch, env_flag, new_empty,
+    check_float, check_rank, check_same_device, check_same_dtype, check_vector, count_launch, new_empty,
     next_pow2,
 )
 from .attention import SUPPORTED_HEAD_DIMS, launch_attention
@@ -44,11 +44,9 @@ OP = "qk_norm_attention"
 MODES = {"fold": 1, "exact": 2}
 
 
-def qk_norm_mode() -> str:
-    mode = env_flag("INTERNVL_KERNELS_QK_NORM", "fold")
-    if mode not in MODES:
-        raise ValueError(f"INTERNVL_KERNELS_QK_NORM={mode!r}: choose one of {tuple(MODES)}")
-    return mode
+def qk_norm_mode(qk_norm: str | None = None) -> str:
+    """``qk_norm`` validated; ``None`` → the process default (:func:`internvl_kernels.options.set_qk_norm`)."""
+    return options.check_qk_norm(qk_norm)
 
 
 @triton.jit
@@ -108,7 +106,7 @@ def qk_rstd(qkv: Tensor, eps: float) -> Tensor:
     return rstd
 
 
-def qk_norm_attention_triton(qkv, q_norm_weight, k_norm_weight, num_heads, eps=1e-6, scale=None):
+def qk_norm_attention_triton(qkv, q_norm_weight, k_norm_weight, num_heads, eps=1e-6, scale=None, qk_norm=None):
     B, S, C3 = qkv.shape
     C = C3 // 3
     D = C // num_heads
@@ -130,12 +128,13 @@ def qk_norm_attention_triton(qkv, q_norm_weight, k_norm_weight, num_heads, eps=1
     launch_attention(
         OP, qkv, qkv[..., C:], qkv[..., 2 * C:], out, B, num_heads, S, S, D, scale,
         strides_q=strides, strides_k=strides, strides_v=strides, strides_o=(out.stride(0), out.stride(1), D),
-        rstd=rstd, wq=q_norm_weight, wk=k_norm_weight, qk_norm_mode=MODES[qk_norm_mode()],
+        rstd=rstd, wq=q_norm_weight, wk=k_norm_weight, qk_norm_mode=MODES[qk_norm_mode(qk_norm)],
     )
     return out
 
 
-def qk_norm_attention_eager(qkv, q_norm_weight, k_norm_weight, num_heads, eps=1e-6, scale=None):
+def qk_norm_attention_eager(qkv, q_norm_weight, k_norm_weight, num_heads, eps=1e-6, scale=None, qk_norm=None):
+    # the reference applies the norm with its own roundings: ``qk_norm`` (a Triton kernel choice) does not apply
     return F_ref.qk_norm_attention(qkv, q_norm_weight, k_norm_weight, num_heads, eps, scale).contiguous()
 
 
@@ -145,14 +144,15 @@ _backend.register_impl(OP, "triton", qk_norm_attention_triton)
 
 @torch.library.custom_op("internvl_kernels::qk_norm_attention", mutates_args=())
 def _qk_norm_attention_op(
-    qkv: Tensor, q_norm_weight: Tensor, k_norm_weight: Tensor, num_heads: int, eps: float, scale: Optional[float]
+    qkv: Tensor, q_norm_weight: Tensor, k_norm_weight: Tensor, num_heads: int, eps: float, scale: Optional[float],
+    qk_norm: str,
 ) -> Tensor:
     _check(qkv, q_norm_weight, k_norm_weight, num_heads, eps, scale)
-    return _backend.dispatch(OP, qkv.device)(qkv, q_norm_weight, k_norm_weight, num_heads, eps, scale)
+    return _backend.dispatch(OP, qkv.device)(qkv, q_norm_weight, k_norm_weight, num_heads, eps, scale, qk_norm)
 
 
 @_qk_norm_attention_op.register_fake
-def _(qkv, q_norm_weight, k_norm_weight, num_heads, eps, scale):
+def _(qkv, q_norm_weight, k_norm_weight, num_heads, eps, scale, qk_norm):
     _check(qkv, q_norm_weight, k_norm_weight, num_heads, eps, scale)
     B, S, C3 = qkv.shape
     return qkv.new_empty((B, S, C3 // 3))
@@ -165,7 +165,12 @@ def qk_norm_attention(
     num_heads: int,
     eps: float = 1e-6,
     scale: Optional[float] = None,
+    qk_norm: Optional[str] = None,
 ) -> Tensor:
-    """InternViT attention from packed qkv ``[B, S, 3C]`` with QK-RMSNorm over all C channels → ``[B, S, C]``."""
+    """InternViT attention from packed qkv ``[B, S, 3C]`` with QK-RMSNorm over all C channels → ``[B, S, C]``.
+
+    ``qk_norm`` — how the Triton kernel applies the k normalization: ``"fold"`` or ``"exact"`` (``None``: the
+    process default, :func:`internvl_kernels.options.set_qk_norm`). The eager reference and the CUDA kernel always
+    apply the reference's own roundings."""
     return _qk_norm_attention_op(qkv, q_norm_weight, k_norm_weight, int(num_heads), float(eps),
-                                 None if scale is None else float(scale))
+                                 None if scale is None else float(scale), qk_norm_mode(qk_norm))

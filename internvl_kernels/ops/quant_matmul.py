@@ -1,7 +1,7 @@
 """``quant_matmul``: weight-only quantized GEMM (W2/3/4/8 A16) on GPTQ v1 / gptq_v2 / AWQ-GEMM packed weights.
 
 ``y = x @ W.T (+ bias)`` with ``W[n, k] = (q[k, n] - zero[g(k), n]) * scale[g(k), n]`` dequantized from the packed
-checkpoint tensors exactly as :mod:`quantize.formats` defines them (DESIGN.md §2). Output in ``x.dtype``; products are
+checkpoint tensors exactly as :mod:`internvl_kernels.quant.formats` defines them (DESIGN.md §2). Output in ``x.dtype``; products are
 accumulated in fp32.
 
 ``layout`` selects the packing *and* the zero convention:
@@ -18,8 +18,8 @@ for one group. ``G = ceil(K / group_size)``.
 
 Implementations (selected by :mod:`internvl_kernels._backend`):
 
-* ``eager``  — unpack with :mod:`quantize.formats` → dequantize in fp32 → ``x.float() @ W.T`` → ``x.dtype``
-  (:func:`internvl_kernels.quant.dequant.quant_matmul_reference`, the definition the kernels are tested against).
+* ``eager``  — unpack with :mod:`internvl_kernels.quant.formats` → dequantize in fp32 → ``x.float() @ W.T`` → ``x.dtype``
+  (:func:`internvl_kernels.model.functional.quant_matmul`, the definition the kernels are tested against).
 * ``triton`` — two kernels sharing the same in-register unpack:
 
   - **split-K decode kernel** (M ≤ ``SPLITK_MAX_M``): grid ``(N/BN, SPLIT_K, M/BM)``; each program reads a K-slice of
@@ -45,11 +45,13 @@ from typing import Optional
 import torch
 
 from .. import _backend
-from ._common import INTERPRET, count_launch, new_empty
+from ..model import functional as F_ref
+from ..quant import formats
+from ._common import INTERPRET, count_launch, new_empty, next_pow2
 
 OP = "quant_matmul"
-LAYOUTS = ("gptq", "gptq_v2", "awq")
-SUPPORTED_BITS = (2, 3, 4, 8)
+LAYOUTS = formats.FORMATS
+SUPPORTED_BITS = formats.SUPPORTED_BITS
 _LAYOUT_ID = {"gptq": 0, "gptq_v2": 1, "awq": 2}
 SPLITK_MAX_M = 32  # rows handled by the split-K decode kernel; larger M goes to the tiled GEMM kernel
 # Without act-order the kernels apply one group's scale/zero per K-tile; that needs BK | group_size, and every config
@@ -64,35 +66,18 @@ __all__ = ["quant_matmul"]
 # shapes + validation (metadata only: runs on fake tensors under torch.compile as well)
 # ---------------------------------------------------------------------------------------------------------------
 def _effective_group_size(group_size: int, K: int) -> int:
-    if isinstance(group_size, bool) or not isinstance(group_size, int):
-        raise TypeError(f"{OP}: group_size must be an int (-1 for one group), got {group_size!r}")
-    if group_size in (-1, 0):
-        return K
-    if group_size < 0:
-        raise ValueError(f"{OP}: group_size must be positive or -1 (one group), got {group_size}")
-    return group_size
+    try:
+        return formats.effective_group_size(group_size, K)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{OP}: {e}") from None
 
 
 def packed_shapes(in_features: int, out_features: int, bits: int, group_size: int, layout: str) -> dict:
-    """Shapes of the checkpoint tensors of one quantized Linear ``[out, in]``: qweight, qzeros, scales, g_idx."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"{OP}: layout must be one of {LAYOUTS}, got {layout!r}")
-    if bits not in SUPPORTED_BITS or (layout == "awq" and bits != 4):
-        raise ValueError(f"{OP}: bits={bits!r} is not supported for layout {layout!r} "
-                         f"({'AWQ GEMM is 4-bit only' if layout == 'awq' else f'choose one of {SUPPORTED_BITS}'})")
-    K, N = in_features, out_features
-    gs = _effective_group_size(group_size, K)
-    G = -(-K // gs)
-    if layout == "awq":
-        if N % 8:
-            raise ValueError(f"{OP}: AWQ needs out_features divisible by 8, got {N}")
-        if K % gs:
-            raise ValueError(f"{OP}: AWQ cannot store a partial last group (in_features={K}, group_size={gs})")
-        return {"qweight": (K, N // 8), "qzeros": (G, N // 8), "scales": (G, N), "g_idx": None}
-    if (K * bits) % 32 or (N * bits) % 32:
-        raise ValueError(f"{OP}: GPTQ {bits}-bit needs in_features*bits and out_features*bits divisible by 32, "
-                         f"got in_features={K}, out_features={N}")
-    return {"qweight": (K * bits // 32, N), "qzeros": (G, N * bits // 32), "scales": (G, N), "g_idx": (K,)}
+    """Shapes of the checkpoint tensors of one quantized Linear ``[out, in]`` (:func:`formats.packed_shapes`)."""
+    try:
+        return formats.get_format(layout).packed_shapes(in_features, out_features, bits, group_size)
+    except ValueError as e:
+        raise ValueError(f"{OP}: {e}") from None
 
 
 def check_quant_matmul_args(x, qweight, scales, qzeros, g_idx, bias, bits, group_size, layout) -> tuple[int, int, int]:
@@ -104,10 +89,10 @@ def check_quant_matmul_args(x, qweight, scales, qzeros, g_idx, bias, bits, group
     if not isinstance(layout, str) or layout not in LAYOUTS:
         raise ValueError(f"{OP}: layout must be one of {LAYOUTS} ('gptq' = GPTQ v1 zero-1 convention, 'gptq_v2' = "
                          f"true zeros, 'awq' = AWQ GEMM), got {layout!r}")
-    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
-        raise ValueError(f"{OP}: bits must be one of {SUPPORTED_BITS}, got {bits!r}")
-    if layout == "awq" and bits != 4:
-        raise ValueError(f"{OP}: AWQ GEMM is 4-bit only, got bits={bits}")
+    fmt = formats.get_format(layout)
+    why = fmt.bits_reason(bits)
+    if why:
+        raise ValueError(f"{OP}: {why}")
     for name, t in (("x", x), ("qweight", qweight), ("scales", scales), ("qzeros", qzeros)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{OP}: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -137,7 +122,7 @@ def check_quant_matmul_args(x, qweight, scales, qzeros, g_idx, bias, bits, group
                              f"group_size={group_size} with in_features={K} (x.shape[-1]) and out_features={N} "
                              f"(scales.shape[1]) needs {want[name]}")
     if g_idx is not None:
-        if layout == "awq":
+        if not fmt.has_g_idx:
             raise ValueError(f"{OP}: AWQ has no g_idx (groups are contiguous); pass g_idx=None")
         if not isinstance(g_idx, torch.Tensor) or g_idx.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"{OP}: g_idx must be an int32 (or int64) tensor [in_features], got "
@@ -162,9 +147,7 @@ def check_quant_matmul_args(x, qweight, scales, qzeros, g_idx, bias, bits, group
 # eager implementation (the reference)
 # ---------------------------------------------------------------------------------------------------------------
 def _quant_matmul_eager(x, qweight, scales, qzeros, g_idx, bias, bits, group_size, layout):
-    from ..quant.dequant import quant_matmul_reference
-
-    return quant_matmul_reference(x, qweight, scales, qzeros, g_idx, bits, group_size, layout, bias=bias)
+    return F_ref.quant_matmul(x, qweight, scales, qzeros, g_idx, bits, group_size, layout, bias=bias)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -449,10 +432,6 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _m_bucket(M: int) -> int:
-    return 1 << max(0, (M - 1).bit_length())
-
-
 def _choose_split_k(M: int, N: int, K: int, BM: int, device) -> int:
     if INTERPRET or device.type != "cuda":
         return 2 if K >= 128 else 1  # exercise the two-stage reduce under the interpreter
@@ -495,7 +474,7 @@ def quant_matmul_triton(x, qweight, scales, qzeros, g_idx, bias, bits, group_siz
         _qmm_splitk[grid](x, qweight, scales, qzeros, gi, bias_t, out, part,
                           M, N, K, gs, sk,
                           x.stride(0), out.stride(0), qweight.stride(0), scales.stride(0), qzeros.stride(0),
-                          _m_bucket(M), WRITE_PARTIAL=sk > 1, BM=BM, **common)
+                          next_pow2(M), WRITE_PARTIAL=sk > 1, BM=BM, **common)
         count_launch(OP)
         if sk > 1:
             BLOCK = 1024
@@ -507,7 +486,7 @@ def quant_matmul_triton(x, qweight, scales, qzeros, g_idx, bias, bits, group_siz
         _qmm_gemm[grid](x, qweight, scales, qzeros, gi, bias_t, out,
                         M, N, K, gs,
                         x.stride(0), out.stride(0), qweight.stride(0), scales.stride(0), qzeros.stride(0),
-                        _m_bucket(M), **common)
+                        next_pow2(M), **common)
         count_launch(OP)
     else:
         raise ValueError(f"{OP}: kernel must be 'splitk' or 'gemm', got {kernel!r}")

@@ -1,35 +1,73 @@
-"""Quantized runtime: :class:`QuantLinear`, dequantization helpers and loaders for GPTQ / AWQ checkpoints.
+"""Quantized runtime: the on-disk formats, :class:`QuantLinear` and the module swap for GPTQ / AWQ checkpoints.
 
+* :mod:`internvl_kernels.quant.formats` — every on-disk layout (GPTQ v1 / gptq_v2 / AWQ GEMM) as a typed
+  :class:`~internvl_kernels.quant.formats.QuantFormat`: packing, unpacking, shapes, ``g_idx``, ``can_store``, the
+  ``quantization_config`` JSON. It imports torch only.
 * :class:`QuantLinear` — weight-only quantized Linear (buffers named like the checkpoint tensors); forward runs
   :func:`internvl_kernels.ops.quant_matmul`.
-* :func:`dequantize` / :func:`quant_matmul_reference` — the eager definition (unpacking via :mod:`quantize.formats`).
-* :func:`apply_quantization` — called by ``InternVLChatModel.from_pretrained`` when ``config.json`` has a
-  ``quantization_config``; :func:`replace_with_quant_linear` — the module swap for any model;
-  :func:`load_quantized_llm` — a plain transformers LLM folder (Llama / InternLM2) in GPTQ or AWQ layout;
-  :func:`load_quantized_vit` — a standalone InternViT folder written quantized.
-"""
-from .dequant import dequantize, quant_matmul_reference, unpack
-from .linear import QuantLinear
-from .loading import (
-    QuantConfig,
-    apply_quantization,
-    dequantize_model,
-    load_quantized_llm,
-    load_quantized_vit,
-    model_nbytes,
-    replace_with_quant_linear,
-)
+* :func:`dequantize` / :func:`quant_matmul_reference` — the eager definitions
+  (:func:`internvl_kernels.model.functional.dequantize_packed` / :func:`~internvl_kernels.model.functional.quant_matmul`).
+* :func:`apply_quantization` — the module swap a model loader calls when ``config.json`` has a
+  ``quantization_config``; :func:`replace_with_quant_linear` — the swap for any model and its state dict.
+  The loaders themselves live with the models: :func:`internvl_kernels.model.load_quantized_llm`,
+  :func:`internvl_kernels.model.load_quantized_vit`, ``InternVLChatModel.from_pretrained``.
 
-__all__ = [
-    "QuantLinear",
-    "QuantConfig",
-    "dequantize",
-    "dequantize_model",
-    "quant_matmul_reference",
-    "unpack",
-    "apply_quantization",
-    "replace_with_quant_linear",
-    "load_quantized_llm",
-    "load_quantized_vit",
-    "model_nbytes",
-]
+Attributes are imported on first use, so ``import internvl_kernels.quant.formats`` loads no kernel and no model.
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "QuantLinear": ("linear", "QuantLinear"),
+    "QuantConfig": ("loading", "QuantConfig"),
+    "UnsupportedQuantizationError": ("loading", "UnsupportedQuantizationError"),
+    "apply_quantization": ("loading", "apply_quantization"),
+    "replace_with_quant_linear": ("loading", "replace_with_quant_linear"),
+    "dequantize_model": ("loading", "dequantize_model"),
+    "model_nbytes": ("loading", "model_nbytes"),
+    "read_quant_config": ("loading", "read_quant_config"),
+    "QuantFormat": ("formats", "QuantFormat"),
+    "get_format": ("formats", "get_format"),
+    "FORMATS": ("formats", "FORMATS"),
+}
+
+__all__ = sorted([*_EXPORTS, "formats", "dequantize", "quant_matmul_reference", "unpack"])
+
+
+def unpack(qweight, qzeros, bits: int, layout: str):
+    """Packed tensors → ``(intweight [out, in] int32, true zeros [groups, out] int32)`` (see :mod:`.formats`)."""
+    from .formats import get_format
+
+    return get_format(layout).unpack(qweight, qzeros, bits)
+
+
+def dequantize(qweight, scales, qzeros, g_idx, bits: int, group_size: int, layout: str, dtype=None):
+    """The eager dequantization (:func:`internvl_kernels.model.functional.dequantize_packed`)."""
+    import torch
+
+    from ..model.functional import dequantize_packed
+
+    return dequantize_packed(qweight, scales, qzeros, g_idx, bits, group_size, layout, dtype or torch.float32)
+
+
+def quant_matmul_reference(x, qweight, scales, qzeros, g_idx, bits: int, group_size: int, layout: str, bias=None):
+    """The eager definition of ``quant_matmul`` (:func:`internvl_kernels.model.functional.quant_matmul`)."""
+    from ..model.functional import quant_matmul
+
+    return quant_matmul(x, qweight, scales, qzeros, g_idx, bits, group_size, layout, bias=bias)
+
+
+def __getattr__(name):
+    # import_module, not ``from . import x``: the latter asks this __getattr__ for ``x`` again
+    where = "formats" if name == "formats" else _EXPORTS.get(name, ("",))[0]
+    if where == "formats":
+        mod = importlib.import_module("internvl_kernels.quant.formats")
+    elif where == "linear":
+        mod = importlib.import_module("internvl_kernels.quant.linear")
+    elif where == "loading":
+        mod = importlib.import_module("internvl_kernels.quant.loading")
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return mod if name == "formats" else getattr(mod, _EXPORTS[name][1])
+

@@ -18,8 +18,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..ops.quant_matmul import LAYOUTS, packed_shapes, quant_matmul
-from .dequant import dequantize
+from ..model.functional import dequantize_packed
+from ..ops.quant_matmul import quant_matmul
+from . import formats
 
 __all__ = ["QuantLinear"]
 
@@ -31,9 +32,13 @@ class QuantLinear(nn.Module):
                  layout: str = "gptq", bias: bool = False, dtype: torch.dtype = torch.float16, device=None,
                  scales_dtype: torch.dtype = torch.float16):
         super().__init__()
-        if layout not in LAYOUTS:
-            raise ValueError(f"QuantLinear: layout must be one of {LAYOUTS}, got {layout!r}")
-        shapes = packed_shapes(in_features, out_features, bits, group_size, layout)  # validates bits / shapes
+        if layout not in formats.FORMATS:
+            raise ValueError(f"QuantLinear: layout must be one of {formats.FORMATS}, got {layout!r}")
+        fmt = formats.get_format(layout)
+        try:
+            shapes = fmt.packed_shapes(in_features, out_features, bits, group_size)  # validates bits / shapes
+        except ValueError as e:
+            raise ValueError(f"QuantLinear: {e}") from None
         self.in_features = int(in_features)
         self.out_features = int(out_features)
         self.bits = int(bits)
@@ -43,9 +48,8 @@ class QuantLinear(nn.Module):
         self.register_buffer("qweight", torch.zeros(shapes["qweight"], dtype=torch.int32, device=device))
         self.register_buffer("qzeros", torch.zeros(shapes["qzeros"], dtype=torch.int32, device=device))
         self.register_buffer("scales", torch.zeros(shapes["scales"], dtype=scales_dtype, device=device))
-        if layout != "awq":
-            gs = in_features if self.group_size == -1 else self.group_size
-            self.register_buffer("g_idx", torch.arange(in_features, dtype=torch.int32, device=device) // gs)
+        if fmt.has_g_idx:
+            self.register_buffer("g_idx", fmt.default_g_idx(in_features, self.group_size, device=device))
         else:
             self.g_idx = None
         if bias:
@@ -55,7 +59,7 @@ class QuantLinear(nn.Module):
         # not in the checkpoint: the AWQ input scale of a standalone ``from_linear`` (x / input_scale before the GEMM)
         self.register_buffer("input_scale", None, persistent=False)
         # act-order is known once real buffers are loaded (None = decide at the next load / first forward)
-        self._act_order: bool | None = False if layout == "awq" or self.qweight.device.type != "meta" else None
+        self._act_order: bool | None = False if not fmt.has_g_idx or self.qweight.device.type != "meta" else None
         self.register_load_state_dict_post_hook(QuantLinear._after_load)
 
     # -- construction -------------------------------------------------------------------------------------------
@@ -64,19 +68,18 @@ class QuantLinear(nn.Module):
                     g_idx: torch.Tensor | None = None, bias: torch.Tensor | None = None, *, bits: int = 4,
                     group_size: int = 128, layout: str = "gptq", dtype: torch.dtype | None = None) -> "QuantLinear":
         """Wrap checkpoint tensors of one Linear (shapes are checked against ``bits`` / ``group_size`` / ``layout``)."""
-        if layout not in LAYOUTS:
-            raise ValueError(f"QuantLinear: layout must be one of {LAYOUTS}, got {layout!r}")
+        if layout not in formats.FORMATS:
+            raise ValueError(f"QuantLinear: layout must be one of {formats.FORMATS}, got {layout!r}")
+        fmt = formats.get_format(layout)
         out_f = scales.shape[1]
-        in_f = qweight.shape[0] if layout == "awq" else qweight.shape[0] * 32 // bits
+        in_f = fmt.in_features(qweight, bits)
         dtype = dtype or (bias.dtype if bias is not None else torch.float16)
         m = cls(in_f, out_f, bits, group_size, layout, bias=bias is not None, dtype=dtype, device="meta",
                 scales_dtype=scales.dtype)
         sd = {"qweight": qweight, "qzeros": qzeros, "scales": scales}
-        if layout != "awq":
+        if fmt.has_g_idx:
             if g_idx is None:
-                from quantize.formats import make_g_idx
-
-                g_idx = make_g_idx(in_f, group_size, device=qweight.device)
+                g_idx = fmt.default_g_idx(in_f, group_size, device=qweight.device)
             sd["g_idx"] = g_idx.to(torch.int32)
         elif g_idx is not None:
             raise ValueError("QuantLinear.from_packed: AWQ has no g_idx")
@@ -191,8 +194,8 @@ class QuantLinear(nn.Module):
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense weight ``[out, in]`` these buffers decode to (the input scale, if any, divided out)."""
-        w = dequantize(self.qweight, self.scales, self.qzeros, self.g_idx if self.layout != "awq" else None,
-                       self.bits, self.group_size, self.layout, dtype=torch.float32)
+        w = dequantize_packed(self.qweight, self.scales, self.qzeros, self.g_idx, self.bits, self.group_size,
+                              self.layout, dtype=torch.float32)
         if self.input_scale is not None:
             w = w / self.input_scale[None, :]
         return w.to(dtype)

@@ -8,7 +8,7 @@ checkpoint may quantize the ViT, the LLM, both, or name skipped modules in ``mod
 
 InternLM2 LLMs (InternVL-Chat-V1.5, OpenGVLab's AWQ releases, our quantizer's output) store q, k and v as one
 quantized ``attention.wqkv`` with GQA-interleaved output rows; the reference model runs the Llama layout, so the
-quantized ``wqkv`` is split into ``q_proj`` / ``k_proj`` / ``v_proj`` with :func:`quantize.formats.split_internlm2_wqkv`
+quantized ``wqkv`` is split into ``q_proj`` / ``k_proj`` / ``v_proj`` with :func:`internvl_kernels.checkpoint.internlm2.split_quantized_wqkv`
 (a pure selection of output columns: scales and GPTQ ``qweight`` are column slices, packed ``qzeros`` / AWQ
 ``qweight`` are unpacked and repacked; ``g_idx`` is shared). The three projections are exactly the rows of the
 dequantized ``wqkv``.
@@ -18,38 +18,32 @@ Entry points:
 * :func:`apply_quantization` — what ``InternVLChatModel.from_pretrained`` calls when ``config.json`` has a
   ``quantization_config`` (before the strict load, on the meta-device skeleton).
 * :func:`replace_with_quant_linear` — the module swap for one (sub)model and its state dict.
-* :func:`load_quantized_llm` — a plain transformers LLM folder (``LlamaForCausalLM`` / ``InternLM2ForCausalLM``) in
-  GPTQ or AWQ layout → a ``LlamaForCausalLM`` with QuantLinear modules.
 * :func:`dequantize_model` — the "fake-quantized" float twin (QuantLinear → nn.Linear with the dequantized weight).
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
-from ..ops.quant_matmul import packed_shapes
+from ..checkpoint import internlm2
+from ..checkpoint.config import read_quant_config
+from ..checkpoint.files import CheckpointError
+from . import formats
 from .linear import QuantLinear
 
 logger = logging.getLogger("internvl_kernels")
 
 __all__ = ["QuantConfig", "UnsupportedQuantizationError", "apply_quantization", "replace_with_quant_linear",
-           "load_quantized_llm", "load_quantized_vit", "dequantize_model", "model_nbytes", "split_quantized_wqkv_"]
+           "dequantize_model", "model_nbytes", "split_quantized_wqkv_", "read_quant_config", "set_submodule",
+           "has_quantized_wqkv"]
 
 
 class UnsupportedQuantizationError(ValueError):
     """A ``quantization_config`` this runtime cannot run (names the field and the supported values)."""
-
-
-def _checkpoint_error():
-    from ..model.loading import CheckpointError
-
-    return CheckpointError
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -77,7 +71,7 @@ class QuantConfig:
         method = str(d.get("quant_method", "")).lower()
         if method == "gptq":
             fmt = str(d.get("checkpoint_format") or d.get("format") or "gptq").lower()
-            if fmt not in ("gptq", "gptq_v2"):
+            if fmt not in formats.FORMATS or formats.get_format(fmt).quant_method != "gptq":
                 raise UnsupportedQuantizationError(
                     f"GPTQ checkpoint_format {fmt!r} is not supported (supported: 'gptq' = v1, 'gptq_v2'); "
                     "marlin / bitblas re-packed checkpoints must be saved back in GPTQ format")
@@ -95,10 +89,12 @@ class QuantConfig:
             raise UnsupportedQuantizationError(
                 f"quant_method {d.get('quant_method')!r} is not supported (supported: 'gptq', 'awq')")
         bits = d.get("bits", d.get("w_bit"))
-        if isinstance(bits, bool) or not isinstance(bits, int) or bits not in (2, 3, 4, 8):
-            raise UnsupportedQuantizationError(f"quantization_config bits={bits!r} is not supported (2, 3, 4, 8)")
-        if layout == "awq" and bits != 4:
-            raise UnsupportedQuantizationError(f"AWQ GEMM is 4-bit only, got bits={bits}")
+        if isinstance(bits, bool) or not isinstance(bits, int) or bits not in formats.SUPPORTED_BITS:
+            raise UnsupportedQuantizationError(f"quantization_config bits={bits!r} is not supported "
+                                               f"{formats.SUPPORTED_BITS}")
+        why = formats.get_format(layout).bits_reason(bits)
+        if why:
+            raise UnsupportedQuantizationError(why)
         gs = d.get("group_size", d.get("q_group_size", 128))
         if gs is None:
             gs = -1
@@ -140,20 +136,6 @@ class QuantConfig:
         return bits, gs
 
 
-def read_quant_config(path: str, raw: dict) -> dict | None:
-    """``quantization_config`` of config.json, else AutoGPTQ's ``quantize_config.json`` beside it, else None."""
-    q = raw.get("quantization_config")
-    if q:
-        return q
-    p = os.path.join(path, "quantize_config.json")
-    if os.path.isfile(p):
-        with open(p, encoding="utf-8") as f:
-            q = json.load(f)
-        q.setdefault("quant_method", "gptq")
-        return q
-    return None
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # memory accounting
 # ---------------------------------------------------------------------------------------------------------------
@@ -181,20 +163,15 @@ def _fmt_bytes(n: int) -> str:
 _WQKV = re.compile(r"^(.*)attention\.wqkv\.qweight$")
 
 
-def _heads(config) -> tuple[int, int, int]:
-    get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
-    nh = get("num_attention_heads")
-    nkv = get("num_key_value_heads", None) or nh
-    hd = get("head_dim", None) or get("hidden_size") // nh
-    return int(nh), int(nkv), int(hd)
+def has_quantized_wqkv(state_dict: dict) -> bool:
+    """Whether ``state_dict`` holds a quantized InternLM2 ``attention.wqkv``."""
+    return any(_WQKV.match(k) for k in state_dict)
 
 
 def split_quantized_wqkv_(state_dict: dict, llm_config, cfg: QuantConfig) -> list[str]:
     """In place: every quantized InternLM2 ``<p>attention.wqkv.{qweight,qzeros,scales,g_idx}`` →
     ``<p>self_attn.{q,k,v}_proj.*`` (Llama layout). A ``wqkv.bias`` left in the dict is split by rows too.
     Returns the converted prefixes."""
-    from quantize.formats import split_internlm2_wqkv
-
     done = []
     for key in [k for k in state_dict if _WQKV.match(k)]:
         p = _WQKV.match(key).group(1)
@@ -203,11 +180,11 @@ def split_quantized_wqkv_(state_dict: dict, llm_config, cfg: QuantConfig) -> lis
         t = {n: state_dict.pop(base + n) for n in ("qweight", "qzeros", "scales", "g_idx") if base + n in state_dict}
         if base + "bias" in state_dict:
             t["bias"] = state_dict.pop(base + "bias")
-        nh, nkv, hd = _heads(llm_config)
+        nh, nkv, hd = internlm2.heads(llm_config)
         try:
-            q, k, v = split_internlm2_wqkv(t, nh, nkv, hd, cfg.layout, bits)
+            q, k, v = internlm2.split_quantized_wqkv(t, nh, nkv, hd, cfg.layout, bits)
         except ValueError as e:
-            raise _checkpoint_error()(f"{base[:-1]}: cannot split the quantized wqkv into q/k/v ({e})") from e
+            raise CheckpointError(f"{base[:-1]}: cannot split the quantized wqkv into q/k/v ({e})") from e
         for name, part in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
             for n, tensor in part.items():
                 state_dict[f"{p}self_attn.{name}.{n}"] = tensor
@@ -218,7 +195,7 @@ def split_quantized_wqkv_(state_dict: dict, llm_config, cfg: QuantConfig) -> lis
 # ---------------------------------------------------------------------------------------------------------------
 # module swap
 # ---------------------------------------------------------------------------------------------------------------
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, module)
@@ -234,7 +211,6 @@ def replace_with_quant_linear(model: nn.Module, quantization_config, state_dict:
     ``name_prefix`` is only used in messages and for the skip lists (full dotted names). Returns the swapped names.
     """
     cfg = QuantConfig.coerce(quantization_config)
-    CheckpointError = _checkpoint_error()
     names = sorted(k[: -len(".qweight")] for k in state_dict if k.endswith(".qweight"))
     replaced = []
     for name in names:
@@ -258,7 +234,7 @@ def replace_with_quant_linear(model: nn.Module, quantization_config, state_dict:
         bits, gs = cfg.for_module(full)
         K, N = mod.in_features, mod.out_features
         try:
-            want = packed_shapes(K, N, bits, gs, cfg.layout)
+            want = formats.packed_shapes(K, N, bits, gs, cfg.layout)
         except ValueError as e:
             raise CheckpointError(f"{full}: a [{N}, {K}] Linear cannot be stored as {cfg.layout} {bits}-bit "
                                   f"group_size={gs}: {e}") from None
@@ -269,24 +245,23 @@ def replace_with_quant_linear(model: nn.Module, quantization_config, state_dict:
             got = tuple(state_dict[key].shape)
             if got != want[t]:
                 hint = ""
-                if t == "qweight" and cfg.layout != "awq" and (got[0] * 32) % K == 0 and got[1] == N:
+                if t == "qweight" and formats.get_format(cfg.layout).has_g_idx and (got[0] * 32) % K == 0 and got[1] == N:
                     hint = f" (its shape implies {got[0] * 32 // K}-bit)"
                 raise CheckpointError(f"{full}.{t}: checkpoint shape {got} but {cfg.layout} {bits}-bit "
                                       f"group_size={gs} for a [{N}, {K}] Linear needs {want[t]}{hint}")
             if t != "scales" and state_dict[key].dtype != torch.int32:
                 raise CheckpointError(f"{full}.{t} must be int32, got {state_dict[key].dtype}")
-        if cfg.layout != "awq" and f"{name}.g_idx" not in state_dict:
-            from quantize.formats import make_g_idx
-
-            state_dict[f"{name}.g_idx"] = make_g_idx(K, gs)
-        if cfg.layout == "awq" and f"{name}.g_idx" in state_dict:
+        fmt = formats.get_format(cfg.layout)
+        if fmt.has_g_idx and f"{name}.g_idx" not in state_dict:
+            state_dict[f"{name}.g_idx"] = fmt.default_g_idx(K, gs)
+        if not fmt.has_g_idx and f"{name}.g_idx" in state_dict:
             raise CheckpointError(f"{full}.g_idx present in an AWQ checkpoint (AWQ has no g_idx)")
         if f"{name}.g_idx" in state_dict and state_dict[f"{name}.g_idx"].dtype != torch.int32:
             state_dict[f"{name}.g_idx"] = state_dict[f"{name}.g_idx"].to(torch.int32)
         dev = mod.weight.device
         q = QuantLinear(K, N, bits, gs, cfg.layout, bias=mod.bias is not None, dtype=mod.weight.dtype, device=dev,
                         scales_dtype=state_dict[f"{name}.scales"].dtype)
-        _set_submodule(model, name, q)
+        set_submodule(model, name, q)
         replaced.append(full)
     return replaced
 
@@ -311,9 +286,9 @@ def apply_quantization(model: nn.Module, quantization_config, state_dict: dict |
         sub = model if part == "" else model.get_submodule(part)
         prefix = f"{part}." if part else ""
         sub_cfg = getattr(sub, "config", None)
-        if any(_WQKV.match(k) for k in sd):
+        if has_quantized_wqkv(sd):
             if sub_cfg is None:
-                raise _checkpoint_error()(f"{prefix}: quantized attention.wqkv found but the module has no config "
+                raise CheckpointError(f"{prefix}: quantized attention.wqkv found but the module has no config "
                                           "to read the head counts from")
             split += [prefix + s for s in split_quantized_wqkv_(sd, sub_cfg, cfg)]
         tie = bool(getattr(sub_cfg, "tie_word_embeddings", False)) if sub_cfg is not None else False
@@ -339,78 +314,9 @@ def apply_quantization(model: nn.Module, quantization_config, state_dict: dict |
 def _listed_present(name: str, replaced: list[str], split: list[str]) -> bool:
     if name in split or name in replaced:
         return True
-    # names in checkpoint (InternLM2) layout vs the converted Llama layout: accept any replaced module under it
-    tail = name.split(".")[-1]
-    renamed = {"wo": "o_proj", "w1": "gate_proj", "w3": "up_proj", "w2": "down_proj", "output": "lm_head"}
-    return any(r.endswith("." + renamed.get(tail, tail)) or r == renamed.get(tail, tail) for r in replaced)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# plain transformers LLM folders
-# ---------------------------------------------------------------------------------------------------------------
-def load_quantized_llm(path: str, dtype: torch.dtype | None = None, device=None):
-    """A plain transformers LLM folder in GPTQ / AWQ layout → ``LlamaForCausalLM`` with QuantLinear modules.
-
-    Llama-layout folders (LlamaForCausalLM; AutoGPTQ / GPTQModel / AutoAWQ output, ours) and InternLM2 folders
-    (converted to the Llama layout, quantized ``wqkv`` split). ``quantization_config`` is read from config.json or
-    ``quantize_config.json``. ``dtype`` defaults to the config's ``torch_dtype`` (else float16).
-    """
-    from transformers import LlamaForCausalLM
-
-    from ..model.chat import materialize_buffers, llama_config_from_llm_config
-    from ..model.internlm2 import internlm2_to_llama_state_dict
-    from ..model.loading import load_into_module, load_state_dict
-
-    CheckpointError = _checkpoint_error()
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"{path}: no config.json")
-    with open(cfg_path, encoding="utf-8") as f:
-        raw = json.load(f)
-    qcfg = read_quant_config(path, raw)
-    if not qcfg:
-        raise CheckpointError(f"{path}: not a quantized checkpoint (no quantization_config in config.json and no "
-                              "quantize_config.json)")
-    arch = (raw.get("architectures") or ["LlamaForCausalLM"])[0]
-    if arch not in ("LlamaForCausalLM", "InternLM2ForCausalLM"):
-        raise UnsupportedQuantizationError(f"{path}: architecture {arch!r} is not supported "
-                                           "(LlamaForCausalLM, InternLM2ForCausalLM)")
-    if dtype is None:
-        name = raw.get("torch_dtype") or raw.get("dtype")
-        dtype = getattr(torch, name) if isinstance(name, str) and isinstance(getattr(torch, name, None),
-                                                                             torch.dtype) else torch.float16
-    lcfg = llama_config_from_llm_config(raw)
-    sd = load_state_dict(path)
-    if arch == "InternLM2ForCausalLM":
-        sd = internlm2_to_llama_state_dict(sd, raw)
-    sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
-    with torch.device("meta"):
-        model = LlamaForCausalLM(lcfg)
-    model.to(dtype)
-    tie = bool(lcfg.tie_word_embeddings)
-    if tie and "lm_head.weight" not in sd and "lm_head.qweight" not in sd and "model.embed_tokens.weight" in sd:
-        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
-    apply_quantization(model, qcfg, sd, dtype=dtype)
-    load_into_module(model, sd, f"{path}: LLM")
-    if tie and not isinstance(model.lm_head, QuantLinear):
-        model.tie_weights()
-    materialize_buffers(model)
-    model.eval()
-    if device is not None:
-        model.to(device)
-    return model
-
-
-def load_quantized_vit(path: str, dtype: torch.dtype | None = None, device=None):
-    """A standalone InternViT folder written quantized (``python -m quantize --model <InternViT folder>``: keys
-    without ``vision_model.``) → ``InternVisionModel`` with QuantLinear modules. Same as
-    ``InternVisionModel.from_pretrained`` but refuses a folder that is not quantized."""
-    from ..model.configuration import _read_json
-    from ..model.vision import InternVisionModel
-
-    if not read_quant_config(path, _read_json(path)):
-        raise _checkpoint_error()(f"{path}: not a quantized checkpoint (no quantization_config)")
-    return InternVisionModel.from_pretrained(path, dtype=dtype, device=device)
+    # names in checkpoint (InternLM2) layout vs the converted Llama layout
+    tail = internlm2.to_llama_name(name.split(".")[-1] if name.split(".")[-1] == "output" else name).split(".")[-1]
+    return any(r.endswith("." + tail) or r == tail for r in replaced)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -420,5 +326,5 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
     """In place: every QuantLinear → ``nn.Linear`` holding its dequantized weight (``dtype`` default: the module's)."""
     for name, mod in list(model.named_modules()):
         if isinstance(mod, QuantLinear):
-            _set_submodule(model, name, mod.to_linear(dtype))
+            set_submodule(model, name, mod.to_linear(dtype))
     return model

@@ -1,6 +1,6 @@
 """Compile the GPU kernels for an H100 (sm_90) without a GPU: catches compile errors and shared-memory overflow.
 
-``python -m internvl_kernels.ops._aot_check [--all]`` compiles each Triton kernel of :mod:`internvl_kernels.ops`
+``python -m internvl_kernels.ops.aot_check [--all]`` compiles each Triton kernel of :mod:`internvl_kernels.ops`
 (the default: one representative configuration per kernel and dtype path; ``--all``: every autotune configuration
 that the pruning keeps) through the full Triton → PTX → cubin pipeline (triton bundles ``ptxas``) and checks the
 shared memory each one needs against the H100's 227 KB per block. It needs ``TRITON_INTERPRET`` unset / 0 (the

@@ -28,18 +28,17 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from internvl_kernels.quant import formats
+
 from .awq import awq_finalize, search_clip, search_scale
 from .blocks import adapter_for, fold_scale
 from .gptq import Hessian, gptq_quantize
 from .result import QuantResult
+from .metrics import sqnr_db
 from .rtn import check_bits_group, rtn_quantize
+from .streams import Stream, StopForward
 
-__all__ = ["QuantSettings", "PipelineResult", "quantize_stack", "Stream", "vision_stream", "llm_streams",
-           "perplexity", "sqnr_db", "run_pipeline"]
-
-
-class _Stop(Exception):
-    pass
+__all__ = ["QuantSettings", "PipelineResult", "quantize_stack"]
 
 
 @dataclass
@@ -64,8 +63,8 @@ class QuantSettings:
 
     @property
     def min_zero(self) -> int:
-        # GPTQ v1 stores zero-1: keep every zero point >= 1 (symmetric zeros are 2**(bits-1) anyway)
-        return 1 if (self.fmt == "gptq" and not self.sym) else 0
+        # GPTQ v1 stores zero-1: keep every zero point >= its zero offset (symmetric zeros are 2**(bits-1) anyway)
+        return 0 if self.sym else formats.get_format(self.fmt).zero_offset
 
 
 @dataclass
@@ -78,31 +77,6 @@ class PipelineResult:
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def _to(obj, device):
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, tuple):
-        return tuple(_to(o, device) for o in obj)
-    if isinstance(obj, list):
-        return [_to(o, device) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    return obj
-
-
-class Stream(list):
-    """A list of ``(hidden [b, S, C], kwargs | None)`` batches."""
-
-
-def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
-    ref = ref.to(torch.float64)
-    noise = (ref - test.to(torch.float64)).pow(2).sum()
-    sig = ref.pow(2).sum()
-    if noise == 0:
-        return float("inf")
-    return float(10 * torch.log10(sig / noise))
-
-
 def _first_tensor(args, kwargs):
     if args:
         return args[0], None
@@ -123,11 +97,8 @@ def _should_skip(name: str, patterns) -> bool:
 
 
 def _storable(lin: nn.Linear, st: QuantSettings) -> str | None:
-    from . import formats
-
-    if st.fmt == "awq":
-        return formats.check_awq_shape(lin.in_features, lin.out_features, st.group_size, st.bits)
-    return formats.check_gptq_shape(lin.in_features, lin.out_features, st.bits, strict=True)
+    ok, why = formats.get_format(st.fmt).can_store(lin.in_features, lin.out_features, st.bits, st.group_size)
+    return None if ok else why
 
 
 def _set_weight(lin: nn.Linear, w: torch.Tensor) -> None:
@@ -184,7 +155,7 @@ def _run(ad, calib: Stream, stop_hooks=None):
     for x, kw in calib:
         try:
             ad.forward(x, kw)
-        except _Stop:
+        except StopForward:
             pass
 
 
@@ -210,7 +181,7 @@ def _gptq_block(ad, prefix, calib, st, res, todo):
                 hs[n].add(x)
                 fired.add(n)
                 if len(fired) == len(names):
-                    raise _Stop  # all inputs of this group captured: skip the rest of the block
+                    raise StopForward  # all inputs of this group captured: skip the rest of the block
             return hook
 
         for n in names:
@@ -220,7 +191,7 @@ def _gptq_block(ad, prefix, calib, st, res, todo):
                 fired.clear()
                 try:
                     ad.forward(x, kw)
-                except _Stop:
+                except StopForward:
                     pass
         finally:
             for h in handles:
@@ -362,82 +333,3 @@ def quantize_stack(blocks, prefix: str, calib: Stream, st: QuantSettings, res: P
         if feature_index is not None and i + 1 == feature_index:
             snaps = {"held": (held_f, held_q), "calib": calib}
     return calib, held_f, held_q, snaps
-
-
-def vision_stream(vision_model, pixel_batches, device, batch_tiles: int = 8) -> Stream:
-    """Embeddings of every tile, in batches of ``batch_tiles`` → :class:`Stream` (on ``device``)."""
-    emb = vision_model.embeddings
-    home = next(emb.parameters()).device
-    emb.to(device)
-    dtype = emb.patch_embedding.weight.dtype
-    out = Stream()
-    tiles = torch.cat(list(pixel_batches)) if pixel_batches else None
-    if tiles is not None:
-        with torch.no_grad():
-            for chunk in torch.split(tiles, batch_tiles):
-                out.append((emb(chunk.to(device, dtype)), None))
-    emb.to(home)
-    return out
-
-
-def llm_streams(causal_lm, batches, device) -> Stream:
-    """Inputs of decoder layer 0 (hidden + call kwargs) for each batch.
-
-    ``batches``: list of ``{"input_ids": [b, S]}`` or ``{"inputs_embeds": [b, S, H]}``. Runs the model's own
-    embedding / mask / rotary code (moved to ``device`` for the occasion) and stops at layer 0.
-    """
-    base = causal_lm.model
-    layer0 = base.layers[0]
-    captured = Stream()
-
-    def hook(mod, args, kwargs):
-        x = args[0] if args else kwargs.pop("hidden_states")
-        kw = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
-        kw["use_cache"] = False
-        captured.append((x.detach(), kw))
-        raise _Stop
-
-    movable = [m for n, m in base.named_children() if n not in ("layers",)]
-    homes = [next(m.parameters(), torch.empty(0)).device for m in movable]
-    for m in movable:
-        m.to(device)
-    h = layer0.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            for b in batches:
-                try:
-                    base(**_to(b, device), use_cache=False)
-                except _Stop:
-                    pass
-    finally:
-        h.remove()
-        for m, d in zip(movable, homes):
-            m.to(d if d.type != "meta" else "cpu")
-    return captured
-
-
-def perplexity(causal_lm, stream: Stream, labels: list[torch.Tensor], device) -> float:
-    """exp(mean next-token NLL) of the final hidden states in ``stream`` (labels: the token ids of each batch)."""
-    norm, head = causal_lm.model.norm, causal_lm.lm_head
-    homes = [next(norm.parameters()).device, next(head.parameters()).device]
-    norm.to(device)
-    head.to(device)
-    nll, count = 0.0, 0
-    try:
-        with torch.no_grad():
-            for (x, _), ids in zip(stream, labels):
-                ids = ids.to(device)
-                for b in range(x.shape[0]):
-                    logits = head(norm(x[b:b + 1])).float()[0, :-1]
-                    nll += float(nn.functional.cross_entropy(logits, ids[b, 1:], reduction="sum"))
-                    count += ids.shape[1] - 1
-    finally:
-        norm.to(homes[0])
-        head.to(homes[1])
-    return math.exp(nll / max(count, 1))
-
-
-def run_pipeline(*args, **kwargs):  # pragma: no cover - kept for API symmetry; see quantize.runner
-    from .runner import run
-
-    return run(*args, **kwargs)

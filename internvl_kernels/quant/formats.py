@@ -1,6 +1,11 @@
-"""Bit-exact packers and unpackers for the published weight-only quantization formats (DESIGN.md §2).
+"""The on-disk weight-only quantization formats (docs/design.md §2): typed format objects, bit-exact packers and
+unpackers, shapes, ``g_idx`` and the ``quantization_config`` JSON.
 
-All functions here are pure: integer tensors in, integer tensors out; nothing depends on a model.
+This module is the bottom of the package: it imports torch only (no model, no kernel, no quantizer). Every rule
+about a format (its name, zero-point offset, allowed bits, packed shapes, whether it has ``g_idx``, what it can
+store) is written here once, on the :class:`QuantFormat` objects returned by :func:`get_format`.
+
+All packing functions are pure: integer tensors in, integer tensors out.
 
 Conventions
 -----------
@@ -46,17 +51,20 @@ InternLM2's GQA-interleaved order ``[kv_heads, q_per_kv + 2, head_dim]``), ``att
 ``feed_forward.w1/w3/w2`` and ``language_model.output`` — the layout published InternVL-Chat-V1-5 GPTQ/AWQ checkpoints
 use and lmdeploy/vLLM load. q, k and v are quantized with the same Hessian (GPTQ) / the same folded input scale (AWQ),
 so they share ``g_idx`` and merging them is exact. A runtime that works in Llama layout splits a quantized ``wqkv``
-back with :func:`split_internlm2_wqkv` (pure column/row selection; ``qzeros`` and AWQ ``qweight`` are unpacked and
-repacked). The merge in the writer uses :func:`merge_internlm2_wqkv`; the two are tested as inverses.
+back with :func:`internvl_kernels.checkpoint.internlm2.split_quantized_wqkv` (pure column/row selection; ``qzeros``
+and AWQ ``qweight`` are unpacked and repacked). The writer merges with
+:func:`internvl_kernels.checkpoint.internlm2.merge_quantized_wqkv`; the two are tested as inverses.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from enum import Enum
 from typing import Sequence
 
 import torch
 
-from ._threads import cpu_single_threaded
+from ..cpu_threads import cpu_single_threaded
 
 __all__ = [
     "SUPPORTED_BITS",
@@ -76,15 +84,19 @@ __all__ = [
     "check_awq_shape",
     "gptq_v1_to_v2",
     "gptq_v2_to_v1",
-    "merge_internlm2_wqkv",
-    "split_internlm2_wqkv",
     "quantization_config",
+    "QuantFormat",
+    "get_format",
+    "packed_shapes",
+    "effective_group_size",
+    "GPTQ",
+    "GPTQ_V2",
+    "AWQ",
 ]
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 _AWQ_INV_ORDER = tuple(AWQ_ORDER.index(i) for i in range(8))  # (0, 4, 1, 5, 2, 6, 3, 7)
-FORMATS = ("gptq", "gptq_v2", "awq")
 _MASK32 = 0xFFFFFFFF
 
 
@@ -178,9 +190,9 @@ def unpack_bits(packed: torch.Tensor, bits: int, dim: int = 0) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------------- GPTQ
 def _gptq_version(version) -> int:
-    if version in (1, "1", "v1", "gptq"):
+    if version in (1, "1", "v1", "gptq", FormatName.GPTQ):
         return 1
-    if version in (2, "2", "v2", "gptq_v2"):
+    if version in (2, "2", "v2", "gptq_v2", FormatName.GPTQ_V2):
         return 2
     raise ValueError(f"GPTQ version must be 1 ('gptq') or 2 ('gptq_v2'), got {version!r}")
 
@@ -312,11 +324,12 @@ def gptq_v2_to_v1(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------- AWQ
 def check_awq_shape(in_features: int, out_features: int, group_size: int, bits: int = 4) -> str | None:
     """Why a Linear of this shape cannot be stored as AWQ GEMM (``None`` when it can)."""
-    if bits != 4:
-        return f"AWQ GEMM is 4-bit only, got bits={bits}"
+    why = AWQ.bits_reason(bits)
+    if why:
+        return why
     if out_features % 8:
         return f"AWQ GEMM needs out_features divisible by 8, got {out_features}"
-    gs = in_features if group_size in (-1, None, 0) else group_size
+    gs = effective_group_size(group_size, in_features)
     if in_features % gs:
         return (f"AWQ cannot store a partial last group: in_features={in_features} is not divisible by "
                 f"group_size={gs}")
@@ -325,7 +338,7 @@ def check_awq_shape(in_features: int, out_features: int, group_size: int, bits: 
 
 def pack_awq(intweight: torch.Tensor, zeros: torch.Tensor, bits: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """``intweight [out, in]``, true ``zeros [groups, out]`` → AWQ GEMM ``(qweight [in, out/8], qzeros [groups, out/8])``."""
-    _check_bits(bits, (4,), "AWQ GEMM (4-bit only)")
+    AWQ.check_bits(bits)
     _check_int(intweight, "intweight")
     _check_int(zeros, "zeros")
     if intweight.dim() != 2 or zeros.dim() != 2:
@@ -349,7 +362,7 @@ def pack_awq(intweight: torch.Tensor, zeros: torch.Tensor, bits: int = 4) -> tup
 
 def unpack_awq(qweight: torch.Tensor, qzeros: torch.Tensor, bits: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of :func:`pack_awq` → ``(intweight [out, in] int32, zeros [groups, out] int32)``."""
-    _check_bits(bits, (4,), "AWQ GEMM (4-bit only)")
+    AWQ.check_bits(bits)
     _check_int(qweight, "qweight")
     _check_int(qzeros, "qzeros")
     inv = torch.tensor(_AWQ_INV_ORDER, device=qweight.device)
@@ -384,98 +397,152 @@ def dequantize_awq(qweight, qzeros, scales, group_size: int, bits: int = 4, dtyp
 
 def dequantize(tensors: dict, fmt: str, bits: int, group_size: int = 128, dtype=None) -> torch.Tensor:
     """Dequantize one Linear from its stored tensors ``{"qweight", "qzeros", "scales", ["g_idx"]}`` → ``[out, in]``."""
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; choose one of {FORMATS}")
-    if fmt == "awq":
-        return dequantize_awq(tensors["qweight"], tensors["qzeros"], tensors["scales"], group_size, bits, dtype)
-    g_idx = tensors.get("g_idx")
-    if g_idx is None:
-        in_f = tensors["qweight"].shape[0] * 32 // bits
-        g_idx = make_g_idx(in_f, group_size, device=tensors["qweight"].device)
-    return dequantize_gptq(tensors["qweight"], tensors["qzeros"], tensors["scales"], g_idx, bits,
-                           1 if fmt == "gptq" else 2, dtype)
+    return get_format(fmt).dequantize(tensors["qweight"], tensors["qzeros"], tensors["scales"], tensors.get("g_idx"),
+                                      bits, group_size, dtype)
 
 
-# ---------------------------------------------------------------------------------------------------- InternLM2 wqkv
-def _wqkv_rows(num_heads: int, num_kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Row indices of q, k, v (Llama order: heads in order) inside InternLM2's interleaved ``wqkv``."""
-    if num_heads % num_kv_heads:
-        raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
-    g = num_heads // num_kv_heads
-    idx = torch.arange(num_kv_heads * (g + 2) * head_dim).reshape(num_kv_heads, g + 2, head_dim)
-    q = idx[:, :g].reshape(-1)
-    k = idx[:, g].reshape(-1)
-    v = idx[:, g + 1].reshape(-1)
-    return q, k, v
+# ---------------------------------------------------------------------------------------------------- typed formats
+def effective_group_size(group_size, in_features: int) -> int:
+    """``group_size`` with ``-1`` (also ``0`` / ``None``) meaning one group over all ``in_features``."""
+    if group_size in (-1, 0, None):
+        return int(in_features)
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise TypeError(f"group_size must be an int (-1 for one group), got {group_size!r}")
+    if group_size < 0:
+        raise ValueError(f"group_size must be positive or -1 (one group), got {group_size}")
+    return group_size
 
 
-def _out_rows_to_packed(t: dict, fmt: str, bits: int) -> dict:
-    """Stored tensors of one Linear → unpacked {'int': [out,in], 'zeros': [G,out], 'scales': [G,out], ...}."""
-    if fmt == "awq":
-        iw, z = unpack_awq(t["qweight"], t["qzeros"], bits)
-    else:
-        iw, z = unpack_gptq(t["qweight"], t["qzeros"], bits, 1 if fmt == "gptq" else 2)
-    return {"int": iw, "zeros": z}
+class FormatName(str, Enum):
+    """The storage formats by their checkpoint names (``checkpoint_format`` / runtime ``layout``)."""
+
+    GPTQ = "gptq"  # GPTQ v1 (AutoGPTQ): qzeros store zero - 1
+    GPTQ_V2 = "gptq_v2"  # GPTQModel: qzeros store the true zero
+    AWQ = "awq"  # AutoAWQ GEMM packing
 
 
-def _repack(iw, z, fmt, bits):
-    if fmt == "awq":
-        return pack_awq(iw, z, bits)
-    return pack_gptq(iw, z, bits, 1 if fmt == "gptq" else 2)
+@dataclass(frozen=True)
+class QuantFormat:
+    """One on-disk weight-only format: its rules, shapes and (un)packing.
 
-
-def merge_internlm2_wqkv(q: dict, k: dict, v: dict, num_heads: int, num_kv_heads: int, head_dim: int, fmt: str,
-                         bits: int) -> dict:
-    """Three quantized Linears (stored tensors, Llama q/k/v) → one InternLM2 ``wqkv`` (stored tensors).
-
-    Each dict holds ``qweight, qzeros, scales`` and optionally ``g_idx`` / ``bias``. The three must share ``g_idx``.
+    ``zero_offset``: what is subtracted from the true zero point before it is packed (GPTQ v1: 1, so a true zero of
+    0 cannot be stored). ``bits``: the widths it can hold. ``has_g_idx``: whether checkpoints carry ``g_idx``
+    (act-order); AWQ groups are always contiguous. ``quant_method``: the ``quantization_config`` method name.
     """
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}")
-    if "g_idx" in q and not (torch.equal(q["g_idx"], k["g_idx"]) and torch.equal(q["g_idx"], v["g_idx"])):
-        raise ValueError("merge_internlm2_wqkv: q, k and v have different g_idx; they must be quantized together")
-    qi, ki, vi = _wqkv_rows(num_heads, num_kv_heads, head_dim)
-    total = qi.numel() + ki.numel() + vi.numel()
-    parts = [_out_rows_to_packed(t, fmt, bits) for t in (q, k, v)]
-    in_f = parts[0]["int"].shape[1]
-    groups = parts[0]["zeros"].shape[0]
-    iw = torch.empty(total, in_f, dtype=torch.int32)
-    z = torch.empty(groups, total, dtype=torch.int32)
-    sc = torch.empty(groups, total, dtype=q["scales"].dtype)
-    for rows, p, t in zip((qi, ki, vi), parts, (q, k, v)):
-        iw[rows] = p["int"]
-        z[:, rows] = p["zeros"]
-        sc[:, rows] = t["scales"]
-    qweight, qzeros = _repack(iw, z, fmt, bits)
-    out = {"qweight": qweight, "qzeros": qzeros, "scales": sc}
-    if "g_idx" in q:
-        out["g_idx"] = q["g_idx"].clone()
-    if "bias" in q and q["bias"] is not None:
-        b = torch.empty(total, dtype=q["bias"].dtype)
-        for rows, t in zip((qi, ki, vi), (q, k, v)):
-            b[rows] = t["bias"]
-        out["bias"] = b
-    return out
+
+    name: str
+    quant_method: str
+    zero_offset: int
+    bits: tuple
+    has_g_idx: bool
+
+    def __str__(self) -> str:
+        return self.name
+
+    # -- rules -------------------------------------------------------------------------------------------------
+    def bits_reason(self, bits) -> str | None:
+        """Why ``bits`` cannot be stored in this format (``None`` when it can)."""
+        if isinstance(bits, bool) or not isinstance(bits, int) or bits not in self.bits:
+            if self.bits == (4,):
+                return f"{self.label} is 4-bit only, got bits={bits!r}"
+            return f"{self.label}: bits must be one of {self.bits}, got {bits!r}"
+        return None
+
+    def check_bits(self, bits) -> int:
+        why = self.bits_reason(bits)
+        if why:
+            raise ValueError(why)
+        return bits
+
+    @property
+    def label(self) -> str:
+        return {"gptq": "GPTQ v1", "gptq_v2": "gptq_v2", "awq": "AWQ GEMM"}[self.name]
+
+    def can_store(self, in_features: int, out_features: int, bits: int, group_size: int = -1, *,
+                  min_zero: int | None = None, strict: bool = True) -> tuple[bool, str]:
+        """``(ok, reason)``: can a ``[out_features, in_features]`` Linear with these parameters be written in this
+        format? ``min_zero`` (the smallest true zero point the quantizer produces, if known) is checked against the
+        zero offset; ``strict`` asks for AutoGPTQ's own shape condition (``in % 32 == 0`` and ``out % 32 == 0``),
+        which the checkpoint writer enforces so the files load in AutoGPTQ / GPTQModel / vLLM / transformers."""
+        why = self.bits_reason(bits)
+        if why is None:
+            why = (check_awq_shape(in_features, out_features, group_size, bits) if self.name == "awq"
+                   else check_gptq_shape(in_features, out_features, bits, strict=strict))
+        if why is None and min_zero is not None and min_zero < self.zero_offset:
+            why = (f"{self.label} stores zero-{self.zero_offset} and cannot represent a zero point of {min_zero}; "
+                   "use format 'gptq_v2' or quantize with min_zero=1")
+        return (why is None), (why or "ok")
+
+    def packed_shapes(self, in_features: int, out_features: int, bits: int, group_size: int) -> dict:
+        """Shapes of the stored tensors of one ``[out, in]`` Linear: ``qweight``, ``qzeros``, ``scales``, ``g_idx``
+        (``None`` where the format has none). Raises ``ValueError`` naming the problem."""
+        self.check_bits(bits)
+        K, N = in_features, out_features
+        gs = effective_group_size(group_size, K)
+        G = -(-K // gs)
+        if self.name == "awq":
+            why = check_awq_shape(K, N, gs, bits)
+            if why:
+                raise ValueError(why)
+            return {"qweight": (K, N // 8), "qzeros": (G, N // 8), "scales": (G, N), "g_idx": None}
+        why = check_gptq_shape(K, N, bits, strict=False)
+        if why:
+            raise ValueError(why)
+        return {"qweight": (K * bits // 32, N), "qzeros": (G, N * bits // 32), "scales": (G, N), "g_idx": (K,)}
+
+    def in_features(self, qweight: torch.Tensor, bits: int) -> int:
+        """``in_features`` of the Linear a packed ``qweight`` belongs to."""
+        return int(qweight.shape[0]) if self.name == "awq" else int(qweight.shape[0]) * 32 // bits
+
+    # -- tensors -----------------------------------------------------------------------------------------------
+    def pack(self, intweight: torch.Tensor, zeros: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``intweight [out, in]``, true ``zeros [groups, out]`` → ``(qweight, qzeros)``."""
+        if self.name == "awq":
+            return pack_awq(intweight, zeros, bits)
+        return pack_gptq(intweight, zeros, bits, self.name)
+
+    def unpack(self, qweight: torch.Tensor, qzeros: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(qweight, qzeros)`` → ``(intweight [out, in] int32, true zeros [groups, out] int32)``."""
+        if self.name == "awq":
+            return unpack_awq(qweight, qzeros, bits)
+        return unpack_gptq(qweight, qzeros, bits, self.name)
+
+    def default_g_idx(self, in_features: int, group_size: int, device=None) -> torch.Tensor | None:
+        """The ``g_idx`` a checkpoint without one means (``None`` for formats without ``g_idx``)."""
+        return make_g_idx(in_features, group_size, device=device) if self.has_g_idx else None
+
+    def dequantize(self, qweight, qzeros, scales, g_idx, bits: int, group_size: int, dtype=None) -> torch.Tensor:
+        """Stored tensors of one Linear → float weight ``[out, in]`` (``g_idx=None``: contiguous groups)."""
+        if self.name == "awq":
+            if g_idx is not None:
+                raise ValueError("dequantize: AWQ has no g_idx")
+            return dequantize_awq(qweight, qzeros, scales, group_size, bits, dtype=dtype)
+        if g_idx is None:
+            g_idx = make_g_idx(self.in_features(qweight, bits), group_size, device=qweight.device)
+        return dequantize_gptq(qweight, qzeros, scales, g_idx, bits, self.name, dtype=dtype)
 
 
-def split_internlm2_wqkv(wqkv: dict, num_heads: int, num_kv_heads: int, head_dim: int, fmt: str,
-                         bits: int) -> tuple[dict, dict, dict]:
-    """Inverse of :func:`merge_internlm2_wqkv`: one quantized InternLM2 ``wqkv`` → Llama ``(q, k, v)`` stored tensors."""
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}")
-    p = _out_rows_to_packed(wqkv, fmt, bits)
-    outs = []
-    for rows in _wqkv_rows(num_heads, num_kv_heads, head_dim):
-        if rows.numel() and int(rows.max()) >= p["int"].shape[0]:
-            raise ValueError("split_internlm2_wqkv: head counts do not match the wqkv shape")
-        qweight, qzeros = _repack(p["int"][rows], p["zeros"][:, rows], fmt, bits)
-        d = {"qweight": qweight, "qzeros": qzeros, "scales": wqkv["scales"][:, rows].contiguous()}
-        if "g_idx" in wqkv:
-            d["g_idx"] = wqkv["g_idx"].clone()
-        if wqkv.get("bias") is not None:
-            d["bias"] = wqkv["bias"][rows].contiguous()
-        outs.append(d)
-    return tuple(outs)
+GPTQ = QuantFormat(FormatName.GPTQ.value, "gptq", 1, SUPPORTED_BITS, True)
+GPTQ_V2 = QuantFormat(FormatName.GPTQ_V2.value, "gptq", 0, SUPPORTED_BITS, True)
+AWQ = QuantFormat(FormatName.AWQ.value, "awq", 0, (4,), False)
+_BY_NAME = {f.name: f for f in (GPTQ, GPTQ_V2, AWQ)}
+FORMATS = tuple(_BY_NAME)
+
+
+def get_format(fmt) -> QuantFormat:
+    """The :class:`QuantFormat` named ``fmt`` (``"gptq"`` = v1, ``"gptq_v2"``, ``"awq"``, or a :class:`FormatName`)."""
+    if isinstance(fmt, QuantFormat):
+        return fmt
+    name = fmt.value if isinstance(fmt, FormatName) else fmt
+    f = _BY_NAME.get(name) if isinstance(name, str) else None
+    if f is None:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {FORMATS}")
+    return f
+
+
+def packed_shapes(in_features: int, out_features: int, bits: int, group_size: int, fmt) -> dict:
+    """Shapes of the stored tensors of one quantized Linear in format ``fmt`` (see :meth:`QuantFormat.packed_shapes`)."""
+    return get_format(fmt).packed_shapes(in_features, out_features, bits, group_size)
 
 
 # ---------------------------------------------------------------------------------------------------- configs
@@ -490,10 +557,10 @@ def quantization_config(fmt: str, bits: int, group_size: int, sym: bool, desc_ac
     Linears (or module prefixes) left in 16-bit; ``quantized_modules`` names what *is* quantized (our extension).
     ``method`` records the algorithm that produced the codes (gptq / awq / rtn), independent of the storage format.
     """
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; choose one of {FORMATS}")
+    f = get_format(fmt)
+    fmt = f.name
     gs = -1 if group_size in (None, 0, -1) else int(group_size)
-    if fmt == "awq":
+    if f.quant_method == "awq":
         cfg = {"quant_method": "awq", "bits": bits, "w_bit": bits, "group_size": gs, "q_group_size": gs,
                "zero_point": True, "version": "gemm"}
     else:
