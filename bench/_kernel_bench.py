@@ -1,6 +1,7 @@
 """Shared bits of the kernel benchmarks (bench/bench_<op>.py): shapes, dtypes, backend-pinned callables."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from internvl_kernels import set_backend
@@ -36,3 +37,24 @@ def pinned(fn, backend: str):
 
     run.__name__ = f"{getattr(fn, '__name__', 'fn')}[{backend}]"
     return run
+
+
+@pytest.fixture
+def cuda_fn():
+    """``cuda_fn(fn, op, *args)``: ``fn`` pinned to the CUDA backend, after checking that the extension's kernel
+    really runs for these inputs (the ``cuda:<op>`` launch counter), so a call handed on to Triton can't be reported
+    as a CUDA number. Skips with the loader's reason when the extension is not built."""
+    from internvl_kernels.ops import _common, _cuda
+
+    if not _cuda.available():
+        pytest.skip(_cuda.status())
+
+    def make(fn, op, *args):
+        run = pinned(fn, "cuda")
+        before = _common.launches("cuda:" + op)
+        run(*args)
+        if _common.launches("cuda:" + op) == before:
+            pytest.fail(f"{op}: the CUDA kernel did not run for these inputs (routed elsewhere)")
+        return run
+
+    return make

@@ -9,7 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as TF
-from _kernel_bench import D6B, D300M, H6B, H300M, dtype_for, impl_label, pinned, tiles_tokens
+from _kernel_bench import (  # noqa: F401 (cuda_fn is a fixture)
+    D300M, D6B, H300M, H6B, cuda_fn, dtype_for, impl_label, pinned, tiles_tokens,
+)
 
 from internvl_kernels import ops
 from internvl_kernels.model import functional as F
@@ -67,3 +69,26 @@ def test_attention(bench_run, bench_device, full_shapes, shape, impl):
     bench_run(fn, q, k, v, scale, flops=4 * tiles * H * seq * seq * D,
               shapes={"tiles": tiles, "seq": seq, "heads": H, "head_dim": D}, dtype=dt,
               impl=impl_label(impl, bench_device))
+
+
+# ------------------------------------------------------------------- cuda rows (csrc/ kernels via set_backend("cuda"))
+ATT_SHAPES = {"vit6b_heads": (H6B, D6B), "vit300m_heads": (H300M, D300M)}
+
+
+@pytest.mark.gpu
+@pytest.mark.benchmark(group="attention")
+@pytest.mark.parametrize("shape", list(ATT_SHAPES))
+def test_attention_cuda(bench_run, bench_device, full_shapes, cuda_fn, shape):
+    H, D = ATT_SHAPES[shape]
+    dt = dtype_for(bench_device)
+    tiles, seq = tiles_tokens(full_shapes)
+    qkv = torch.randn(tiles, seq, 3 * H * D, device=bench_device, dtype=dt)
+    q, k, v = qkv.reshape(tiles, seq, 3, H, D).unbind(2)  # strided views, as the other rows get them
+    scale = D ** -0.5
+
+    def att(q, k, v, s):
+        return ops.attention(q, k, v, s).reshape(tiles, seq, H * D)
+
+    fn = cuda_fn(att, "attention", q, k, v, scale)
+    bench_run(fn, q, k, v, scale, flops=4 * tiles * H * seq * seq * D,
+              shapes={"tiles": tiles, "seq": seq, "heads": H, "head_dim": D}, dtype=dt, impl="cuda")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _kernel_bench import C6B, LLM_HIDDEN, dtype_for, impl_label, pinned
+from _kernel_bench import C6B, LLM_HIDDEN, cuda_fn, dtype_for, impl_label, pinned  # noqa: F401 (cuda_fn is a fixture)
 
 from internvl_kernels import ops
 from internvl_kernels.model import functional as F
@@ -51,3 +51,18 @@ def test_pixel_shuffle_and_project(bench_run, bench_device, full_shapes, impl):
     bench_run(pinned(eager if impl == "eager" else fused, impl), vit, flops=2 * t_out * (K * H + H * H),
               shapes={"tiles": tiles, "tokens": side * side, "hidden": C, "llm_hidden": H}, dtype=dt,
               impl=impl_label(impl, bench_device))
+
+
+# ------------------------------------------------------------------- cuda rows (csrc/ kernels via set_backend("cuda"))
+@pytest.mark.gpu
+@pytest.mark.benchmark(group="mlp_projector")
+def test_mlp_projector_cuda(bench_run, bench_device, full_shapes, cuda_fn):
+    dt = dtype_for(bench_device)
+    T, K, H = (13 * 256, 4 * C6B, LLM_HIDDEN) if full_shapes else (16, 512, 256)
+    g = dict(device=bench_device, dtype=dt)
+    args = (torch.randn(1, T, K, **g), torch.randn(K, **g), torch.randn(K, **g), torch.randn(H, K, **g) * K ** -0.5,
+            torch.randn(H, **g), torch.randn(H, H, **g) * H ** -0.5, torch.randn(H, **g))
+    fn = cuda_fn(ops.mlp_projector, "mlp_projector", *args, 1e-5)
+    bench_run(fn, *args, 1e-5, flops=2 * T * (K * H + H * H), shapes={"tokens": T, "in": K, "hidden": H}, dtype=dt,
+              impl="cuda")
+

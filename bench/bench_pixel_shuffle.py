@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _kernel_bench import C6B, dtype_for, impl_label, pinned
+from _kernel_bench import C6B, cuda_fn, dtype_for, impl_label, pinned  # noqa: F401 (cuda_fn is a fixture)
 
 from internvl_kernels import ops
 from internvl_kernels.model import functional as F
@@ -45,3 +45,33 @@ def test_pixel_shuffle_layer_norm(bench_run, bench_device, full_shapes, version,
     bench_run(fn, x, w, b, 0.5, version, 1e-5, bytes_moved=2 * x.numel() * x.element_size(),
               shapes={"tiles": tiles, "tokens": side * side, "hidden": C6B, "version": version}, dtype=dt,
               impl=impl_label(impl, bench_device))
+
+
+# ------------------------------------------------------------------- cuda rows (csrc/ kernels via set_backend("cuda"))
+def _grid(bench_device, full_shapes):
+    dt = dtype_for(bench_device)
+    tiles, side = (13, 32) if full_shapes else (1, 8)
+    return torch.randn(tiles, side * side, C6B, device=bench_device, dtype=dt), dt, tiles, side
+
+
+@pytest.mark.gpu
+@pytest.mark.benchmark(group="pixel_shuffle")
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_pixel_shuffle_cuda(bench_run, bench_device, full_shapes, cuda_fn, version):
+    x, dt, tiles, side = _grid(bench_device, full_shapes)
+    fn = cuda_fn(ops.pixel_shuffle, "pixel_shuffle", x, 0.5, version)
+    bench_run(fn, x, 0.5, version, bytes_moved=2 * x.numel() * x.element_size(),
+              shapes={"tiles": tiles, "tokens": side * side, "hidden": C6B, "version": version}, dtype=dt,
+              impl="cuda")
+
+@pytest.mark.gpu
+@pytest.mark.benchmark(group="pixel_shuffle_layer_norm")
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_pixel_shuffle_layer_norm_cuda(bench_run, bench_device, full_shapes, cuda_fn, version):
+    x, dt, tiles, side = _grid(bench_device, full_shapes)
+    w = torch.randn(4 * C6B, device=bench_device, dtype=dt)
+    b = torch.randn(4 * C6B, device=bench_device, dtype=dt)
+    fn = cuda_fn(ops.pixel_shuffle_layer_norm, "pixel_shuffle_layer_norm", x, w, b, 0.5, version, 1e-5)
+    bench_run(fn, x, w, b, 0.5, version, 1e-5, bytes_moved=2 * x.numel() * x.element_size(),
+              shapes={"tiles": tiles, "tokens": side * side, "hidden": C6B, "version": version}, dtype=dt,
+              impl="cuda")

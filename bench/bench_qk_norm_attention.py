@@ -10,7 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as TF
-from _kernel_bench import C6B, D6B, H6B, dtype_for, impl_label, pinned, tiles_tokens
+from _kernel_bench import (  # noqa: F401 (cuda_fn is a fixture)
+    C6B, D6B, H6B, cuda_fn, dtype_for, impl_label, pinned, tiles_tokens,
+)
 
 from internvl_kernels import ops
 from internvl_kernels.model import functional as F
@@ -68,3 +70,20 @@ def test_qk_norm_attention(bench_run, bench_device, full_shapes, impl):
     bench_run(fn, qkv, wq, wk, H, 1e-6, scale, flops=4 * tiles * H * seq * seq * D,
               shapes={"tiles": tiles, "seq": seq, "hidden": C, "heads": H, "head_dim": D, "vit6b_hidden": C6B},
               dtype=dt, impl=impl_label(impl, bench_device))
+
+
+# ------------------------------------------------------------------- cuda rows (csrc/ kernels via set_backend("cuda"))
+@pytest.mark.gpu
+@pytest.mark.benchmark(group="qk_norm_attention")
+def test_qk_norm_attention_cuda(bench_run, bench_device, full_shapes, cuda_fn):
+    dt = dtype_for(bench_device)
+    tiles, seq = tiles_tokens(full_shapes)
+    H, D = H6B, D6B
+    C = H * D
+    g = dict(device=bench_device, dtype=dt)
+    qkv, wq, wk = torch.randn(tiles, seq, 3 * C, **g), torch.randn(C, **g), torch.randn(C, **g)
+    scale = D ** -0.5
+    fn = cuda_fn(ops.qk_norm_attention, "qk_norm_attention", qkv, wq, wk, H, 1e-6, scale)
+    bench_run(fn, qkv, wq, wk, H, 1e-6, scale, flops=4 * tiles * H * seq * seq * D,
+              shapes={"tiles": tiles, "seq": seq, "hidden": C, "heads": H, "head_dim": D, "vit6b_hidden": C6B},
+              dtype=dt, impl="cuda")

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _kernel_bench import C6B, I6B, LLM_HIDDEN, dtype_for, impl_label, pinned, tiles_tokens
+from _kernel_bench import (  # noqa: F401 (cuda_fn is a fixture)
+    C6B, I6B, LLM_HIDDEN, cuda_fn, dtype_for, impl_label, pinned, tiles_tokens,
+)
 
 from internvl_kernels import ops
 from internvl_kernels.model import functional as F
@@ -30,3 +32,21 @@ def test_rms_norm(bench_run, bench_device, full_shapes, case, impl):
     bench_run(fn, x, w, 1e-6, bytes_moved=2 * x.numel() * x.element_size(),
               shapes={"tiles": tiles, "seq": seq, "hidden": C, "case": case}, dtype=dt,
               impl=impl_label(impl, bench_device))
+
+
+# ------------------------------------------------------------------- cuda rows (csrc/ kernels via set_backend("cuda"))
+RMS_CASES = {"vit6b_norm": C6B, "vit6b_mlp_width": I6B, "llm_norm": LLM_HIDDEN}
+
+
+@pytest.mark.gpu
+@pytest.mark.benchmark(group="rms_norm")
+@pytest.mark.parametrize("case", list(RMS_CASES))
+def test_rms_norm_cuda(bench_run, bench_device, full_shapes, cuda_fn, case):
+    dt = dtype_for(bench_device)
+    tiles, seq = tiles_tokens(full_shapes)
+    C = RMS_CASES[case]
+    x = torch.randn(tiles, seq, C, device=bench_device, dtype=dt)
+    w = torch.randn(C, device=bench_device, dtype=dt)
+    fn = cuda_fn(ops.rms_norm, "rms_norm", x, w, 1e-6)
+    bench_run(fn, x, w, 1e-6, bytes_moved=2 * x.numel() * x.element_size(),
+              shapes={"tiles": tiles, "seq": seq, "hidden": C, "case": case}, dtype=dt, impl="cuda")

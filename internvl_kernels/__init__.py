@@ -22,9 +22,9 @@ def unpatch_model(model):
 
 
 def status(device=None) -> dict:
-    """Versions, the CUDA extension and which backend each op uses here and why (:mod:`internvl_kernels.status`;
-    ``python -m internvl_kernels`` prints it)."""
-    from .status import status as _status
+    """Versions, the CUDA extension and which backend each op uses here and why
+    (:mod:`internvl_kernels.status_report`; ``python -m internvl_kernels`` prints it)."""
+    from .status_report import status as _status
 
     return _status(device)
 

@@ -1,4 +1,5 @@
-"""``python -m internvl_kernels [--json] [--require-cuda-ext]``: the status report (:mod:`internvl_kernels.status`).
+"""``python -m internvl_kernels [--json] [--require-cuda-ext]``: the status report
+(:mod:`internvl_kernels.status_report`).
 
 ``python -m internvl_kernels aot-check [--all]``: compile every Triton kernel for sm_90 without a GPU
 (:mod:`internvl_kernels.ops.aot_check`; needs ``TRITON_INTERPRET`` unset).
@@ -29,7 +30,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None, help="evaluate the op choice for tensors on this device "
                                                   "(default: cuda when a GPU is visible, else cpu)")
     args = p.parse_args(argv)
-    from .status import cuda_extension_problem, format_status, status
+    from .status_report import cuda_extension_problem, format_status, status
 
     st = status(args.device)
     print(json.dumps(st, indent=2) if args.json else format_status(st))

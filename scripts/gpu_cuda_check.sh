@@ -5,7 +5,7 @@
 #   scripts/gpu_cuda_check.sh [all|build|parity|sanitize|bench] ...
 #
 #   build     pip install --no-build-isolation --no-deps -e .   (the extension internvl_kernels._C), then import it
-#   parity    pytest tests/test_cuda_backend.py (backends triton and cuda; a missing extension fails the run)
+#   parity    the GPU rows of every op's tests/test_<op>.py (backends triton and cuda; a missing extension fails)
 #   sanitize  compute-sanitizer memcheck on one run of every kernel (scripts/cuda_smoke.py), racecheck and
 #             synccheck on the shared-memory kernels (attention, quant_matmul)
 #   bench     pytest bench/ --benchmark-only: eager / Triton / SDPA / CUDA rows side by side; raw JSON and a
@@ -13,7 +13,7 @@
 #
 # Steps can be given in any order and combination (each one is < 10 minutes on an H100). Environment:
 #   PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default: the visible GPU), MAX_JOBS (default: nproc),
-#   BENCH_PATHS (default bench/; e.g. "bench/bench_cuda.py bench/bench_rms_norm.py" to split the bench step into
+#   BENCH_PATHS (default bench/; e.g. "bench/bench_rms_norm.py bench/bench_attention.py" to split the bench step into
 #   runs under 10 minutes), BENCH_ARGS (extra pytest args, e.g. "-k 'not vit_patched'"), RESULTS (bench/results).
 # Logs go to $RESULTS/gpu_cuda_check_<step>.log. Exit status: number of failed steps.
 set -u
@@ -42,18 +42,17 @@ step_build() {
   local t0=$SECONDS
   "$PY" -m pip install --no-build-isolation --no-deps -v -e . || return 1
   log "build took $((SECONDS - t0)) s"
-  "$PY" - <<'EOF' || return 1
-import logging, sys
-logging.basicConfig(level=logging.INFO)
-from internvl_kernels.ops import _cuda
-print(_cuda.status())
-sys.exit(0 if _cuda.available() else 1)
-EOF
+  "$PY" -m internvl_kernels --require-cuda-ext || return 1
 }
 
+PARITY_FILES="tests/test_rms_norm.py tests/test_layer_norm.py tests/test_add_rms_norm.py tests/test_add_layer_norm.py
+  tests/test_pixel_shuffle.py tests/test_mlp_projector.py tests/test_linear.py tests/test_attention.py
+  tests/test_qk_norm_attention.py tests/test_quant_matmul.py"
+
 step_parity() {
-  log "parity: tests/test_cuda_backend.py over backends triton, cuda"
-  INTERNVL_KERNELS_REQUIRE_CUDA_EXT=1 "$PY" -m pytest tests/test_cuda_backend.py -q -ra \
+  log "parity: the GPU rows of each op's tests over backends triton, cuda"
+  # shellcheck disable=SC2086
+  INTERNVL_KERNELS_REQUIRE_CUDA_EXT=1 "$PY" -m pytest $PARITY_FILES -m gpu -q -ra \
     --junitxml="$RESULTS/gpu_cuda_parity_$STAMP.xml"
 }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _kernel_utils import DTYPE_IDS, DTYPES, assert_flash_rule, run_eager, run_kernel
+from _parity import HALF, IDS, gpu_backend, parity_run, require_cuda_ext, rnd  # noqa: F401 (gpu_backend is a fixture)
 
 from internvl_kernels import ops
 from internvl_kernels.model import functional as F
@@ -99,3 +100,66 @@ def test_attention_bad_inputs(device):
 @pytest.mark.parametrize("B,S,H,D", [(13, 1025, 25, 128), (13, 1025, 16, 64), (1, 4097, 25, 128)])
 def test_attention_full_shapes(B, S, H, D, dtype, device):
     _check(*_qkv(B, S, S, H, D, dtype, device))
+
+
+# ------------------------------------------------------------------------------------- GPU parity: triton, cuda
+
+
+def _att_inputs(B, Sq, Skv, H, D, dtype):
+    return rnd(B, Sq, H, D, dtype=dtype), rnd(B, Skv, H, D, dtype=dtype), rnd(B, Skv, H, D, dtype=dtype)
+
+
+def _att_check(gpu_backend, q, k, v, scale=None, expect=None):
+    out = parity_run(gpu_backend, "attention", ops.attention, q, k, v, scale, expect=expect)
+    ref64 = F.attention(q.double(), k.double(), v.double(), scale)
+    return assert_flash_rule(out, F.attention(q, k, v, scale), ref64, q.dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF, ids=IDS.get)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("S", [1, 17, 64, 97, 1025])
+def test_attention(gpu_backend, S, D, dtype):
+    _att_check(gpu_backend, *_att_inputs(2, S, S, 3, D, dtype))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF, ids=IDS.get)
+def test_attention_internvit_6b_full(gpu_backend, dtype):
+    _att_check(gpu_backend, *_att_inputs(2, 1025, 1025, 25, 128, dtype))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF, ids=IDS.get)
+@pytest.mark.parametrize("Sq,Skv", [(1, 1025), (97, 17), (130, 64)])
+def test_attention_cross_lengths(gpu_backend, Sq, Skv, dtype):
+    _att_check(gpu_backend, *_att_inputs(1, Sq, Skv, 2, 64, dtype), scale=0.3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF, ids=IDS.get)
+def test_attention_strided_views_of_packed_qkv(gpu_backend, dtype):
+    """q/k/v as strided views of one [B, S, 3, H, D] buffer (how a model hands them over): no copies needed."""
+    qkv = rnd(2, 97, 3, 4, 128, dtype=dtype)
+    q, k, v = qkv.unbind(2)
+    _att_check(gpu_backend, q, k, v)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF, ids=IDS.get)
+def test_attention_large_logits_are_stable(gpu_backend, dtype):
+    q, k, v = _att_inputs(1, 200, 200, 2, 64, dtype)
+    _att_check(gpu_backend, q * 8, k * 8, v)
+
+
+@pytest.mark.gpu
+def test_attention_fp32_routes_to_triton(gpu_backend):
+    _att_check(gpu_backend, *_att_inputs(1, 33, 33, 2, 64, torch.float32), expect="triton")
+
+
+@pytest.mark.gpu
+def test_attention_head_dim_error_is_clear():
+    require_cuda_ext()
+    q = rnd(1, 8, 2, 96, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="head_dim must be 64 or 128"):
+        torch.ops.internvl_kernels_cuda.attention(q, q, q, None)

@@ -69,6 +69,35 @@ def test_resolve_on_cuda_and_the_cuda_one_liner(monkeypatch):
         assert _backend.resolve("rms_norm", cuda) == "eager"
 
 
+def test_candidates_and_can_implement_say_why(monkeypatch):
+    monkeypatch.setitem(_backend._IMPLS, "rms_norm", dict(_backend._IMPLS["rms_norm"]))
+    monkeypatch.setattr(_backend, "_CAN", dict(_backend._CAN))
+    monkeypatch.setattr(_backend, "_UNAVAILABLE", {})
+    _backend.register_impl("rms_norm", "cuda", lambda x, w, eps=1e-6: x,
+                           can_implement=lambda x, w, eps=1e-6: (x.dtype != torch.float32, "fp32 input"))
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    with set_backend("auto"):
+        rows = _backend.candidates("rms_norm", cuda)
+        assert [(n, ok) for n, ok, _ in rows] == [("cuda", True), ("triton", True), ("eager", True)]
+        x, w = torch.zeros(2, 8), torch.zeros(8)
+        rows = _backend.explain("rms_norm", cuda, x, w, 1e-6)
+        assert rows[0] == ("cuda", False, "fp32 input") and rows[1][:2] == ("triton", True)
+        assert _backend.explain("rms_norm", cuda, x.half(), w.half(), 1e-6)[0] == ("cuda", True, "fp32 input")
+        rows = dict((n, (ok, why)) for n, ok, why in _backend.candidates("rms_norm", cpu))
+        assert rows["cuda"] == (False, "cpu tensors (the CUDA extension runs on CUDA tensors)")
+        assert not rows["triton"][0] and "auto" in rows["triton"][1] and rows["eager"][0]
+    with set_backend("eager"):
+        rows = dict((n, (ok, why)) for n, ok, why in _backend.candidates("rms_norm", cuda))
+        assert rows["cuda"] == (False, "backend 'eager' selected") and _backend.resolve("rms_norm", cuda) == "eager"
+    with set_backend("triton"):
+        assert dict((n, why) for n, _, why in _backend.candidates("rms_norm", cuda))["cuda"] == \
+            "backend 'triton' selected"
+    # a backend that cannot load says why for every op it would serve
+    _backend.set_unavailable("cuda", "extension not used: built against another torch")
+    rows = dict((n, (ok, why)) for n, ok, why in _backend.candidates("layer_norm", cuda))
+    assert rows["cuda"] == (False, "extension not used: built against another torch")
+
+
 def test_dispatch_really_calls_the_selected_impl(monkeypatch, device):
     calls = {"eager": 0, "triton": 0}
     table = dict(_backend._IMPLS["layer_norm"])

@@ -1,7 +1,7 @@
 """internvl_kernels/ops/_cuda.py on the CPU: the extension loader (missing / mismatched / opted out -> one log line,
 nothing registered) and the routing of every wrapper (which calls reach the CUDA kernels, which go to Triton, and
-with which converted arguments), with the extension replaced by recorders. The kernels themselves are tested on a
-GPU by tests/test_cuda_backend.py."""
+with which converted arguments), with the extension replaced by recorders; the ``can_implement`` reasons. The
+kernels themselves are tested on a GPU by the ``gpu_backend`` rows of each op's tests/test_<op>.py."""
 from __future__ import annotations
 
 import logging
@@ -203,3 +203,29 @@ def test_wrappers_cover_every_op():
     for op in _cuda.OPS:
         assert "triton" in _backend.available_impls(op) or op == "quant_matmul", op
     assert hasattr(ops, "quant_matmul")
+
+
+def test_can_implement_says_why_and_the_reason_is_kept(rec):
+    q96, q64 = t(1, 5, 2, 96), t(1, 5, 2, 64)
+    assert _cuda.attention.can_implement(q64, q64, q64) == (True, "ok")
+    ok, why = _cuda.attention.can_implement(q96, q96, q96)
+    assert not ok and "head_dim 96" in why
+    ok, why = _cuda.attention.can_implement(*(t(1, 5, 2, 64, dtype=torch.float32),) * 3)
+    assert not ok and "float32" in why
+    K, N = 256, 64
+    qw, sc, qz = torch.zeros(K // 8, N, dtype=torch.int32), t(2, N), torch.zeros(2, N // 8, dtype=torch.int32)
+    ok, why = _cuda.quant_matmul.can_implement(t(17, K), qw, sc, qz, None, None, 4, 128, "gptq")
+    assert not ok and "M=17" in why
+    ok, why = _cuda.quant_matmul.can_implement(t(3, K), qw, sc, qz, None, None, 4, 128, "awq")
+    assert not ok and "'awq'" in why
+    ok, why = _cuda.rms_norm.can_implement(t(2, 8), t(8, dtype=torch.float32))
+    assert not ok and "mixed dtypes" in why and "weight" in why
+    # a call handed on is recorded with its reason (status report / debug log)
+    assert _cuda.attention(q96, q96, q96) == "triton-result"
+    assert "head_dim 96" in _backend.rejections()[("attention", "cuda")]
+
+
+def test_old_gpu_reason(rec, monkeypatch):
+    monkeypatch.setattr(_cuda, "_sm80", lambda t: False)
+    ok, why = _cuda.pixel_shuffle.can_implement(t(1, 16, 4))
+    assert not ok and "sm_80" in why

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _kernel_utils import DTYPE_IDS, DTYPES, NORM_TOL, assert_close, run_eager, run_kernel
+from _parity import ALL, IDS, gpu_backend, parity_run, rnd  # noqa: F401 (gpu_backend is a fixture)
 
 from internvl_kernels import ops
 from internvl_kernels.model import functional as F
@@ -68,3 +69,21 @@ def test_layer_norm_bad_inputs(device):
 def test_layer_norm_full_shapes(hidden, dtype, device):
     x, w, b = _inputs((13, 1025, hidden), dtype, device)
     assert_close(run_kernel(ops.layer_norm, x, w, b, 1e-6), F.layer_norm(x, w, b, 1e-6), **NORM_TOL[dtype])
+
+
+# ------------------------------------------------------------------------------------- GPU parity: triton, cuda
+
+
+NORM_SHAPES = [(1, 1, 3200), (2, 17, 3200), (1, 97, 12800), (3, 5, 576), (2, 7, 1001), (1, 3, 5001), (1, 2, 40000)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ALL, ids=IDS.get)
+@pytest.mark.parametrize("shape", NORM_SHAPES, ids=str)
+@pytest.mark.parametrize("affine", ["wb", "w", "none"])
+def test_layer_norm(gpu_backend, shape, dtype, affine):
+    x = rnd(*shape, dtype=dtype, scale=2.0) + 0.5
+    w = rnd(shape[-1], dtype=dtype) if affine != "none" else None
+    b = rnd(shape[-1], dtype=dtype) if affine == "wb" else None
+    out = parity_run(gpu_backend, "layer_norm", ops.layer_norm, x, w, b, 1e-6)
+    assert_close(out, F.layer_norm(x, w, b, 1e-6), **NORM_TOL[dtype])

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _kernel_utils import DTYPE_IDS, DTYPES, assert_flash_rule, run_eager, run_kernel
+from _parity import ALL, IDS, gpu_backend, parity_run, require_cuda_ext, rnd  # noqa: F401 (gpu_backend is a fixture)
 
 from internvl_kernels import ops
 from internvl_kernels.model import functional as F
@@ -72,3 +73,32 @@ def test_mlp_projector_full_shapes(B, N, K, H, dtype, device):
     out = run_kernel(ops.mlp_projector, *args, 1e-5, min_launches=1)  # the GEMMs may go to cuBLAS
     ref64 = F.mlp_projector(*(a.double() for a in args), 1e-5)
     assert_flash_rule(out, F.mlp_projector(*args, 1e-5), ref64, dtype)
+
+
+# ------------------------------------------------------------------------------------- GPU parity: triton, cuda
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ALL, ids=IDS.get)
+@pytest.mark.parametrize("T,C4,H", [(256, 12800, 5120), (3, 4096, 896), (17, 1000, 512)])
+def test_mlp_projector(gpu_backend, T, C4, H, dtype):
+    x = rnd(1, T, C4, dtype=dtype)
+    lw, lb = 1 + rnd(C4, dtype=dtype, scale=0.1), rnd(C4, dtype=dtype, scale=0.1)
+    w1, b1 = rnd(H, C4, dtype=dtype, scale=C4**-0.5), rnd(H, dtype=dtype, scale=0.1)
+    w2, b2 = rnd(H, H, dtype=dtype, scale=H**-0.5), rnd(H, dtype=dtype, scale=0.1)
+    args = (x, lw, lb, w1, b1, w2, b2, 1e-5)
+    out = parity_run(gpu_backend, "mlp_projector", ops.mlp_projector, *args)
+    ref64 = F.mlp_projector(*(a.double() if isinstance(a, torch.Tensor) else a for a in args))
+    assert_flash_rule(out, F.mlp_projector(*args), ref64, dtype, what="mlp_projector", factor=2.0)
+
+
+@pytest.mark.gpu
+def test_bias_gelu_epilogue_direct():
+    """The epilogue kernel alone: exact erf GELU of (y + bias) in fp32, rounded once."""
+    require_cuda_ext()
+    for dtype in ALL:
+        y = rnd(33, 520, dtype=dtype, scale=3.0)
+        b = rnd(520, dtype=dtype)
+        want = torch.nn.functional.gelu(y.float() + b.float()).to(dtype)
+        got = torch.ops.internvl_kernels_cuda.bias_gelu_(y.clone(), b)
+        assert_close(got, want, **NORM_TOL[dtype])  # fp32 math identical up to FMA contraction: <= 1 ulp

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _kernel_utils import DTYPE_IDS, DTYPES, assert_close, assert_flash_rule, run_eager, run_kernel
+from _parity import HALF, IDS, gpu_backend, parity_run, rnd  # noqa: F401 (gpu_backend is a fixture)
 
 from internvl_kernels import ops
 from internvl_kernels.model import functional as F
@@ -128,3 +129,26 @@ def test_qk_norm_attention_bad_inputs(device):
 @pytest.mark.parametrize("B,S", [(13, 1025), (1, 1025), (2, 4097)])
 def test_qk_norm_attention_full_shapes(B, S, dtype, mode, device):
     _check(*_inputs(B, S, 25, 128, dtype, device), 25)
+
+
+# ------------------------------------------------------------------------------------- GPU parity: triton, cuda
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF, ids=IDS.get)
+@pytest.mark.parametrize("B,S,C,H", [(2, 1025, 3200, 25), (1, 17, 256, 4), (2, 97, 512, 4), (1, 1, 128, 2)])
+def test_qk_norm_attention(gpu_backend, B, S, C, H, dtype):
+    qkv = rnd(B, S, 3 * C, dtype=dtype, scale=2.0)
+    qw, kw = 1 + rnd(C, dtype=dtype, scale=0.2), 1 + rnd(C, dtype=dtype, scale=0.2)
+    out = parity_run(gpu_backend, "qk_norm_attention", ops.qk_norm_attention, qkv, qw, kw, H, 1e-6, None)
+    ref64 = F.qk_norm_attention(qkv.double(), qw.double(), kw.double(), H, 1e-6)
+    assert_flash_rule(out, F.qk_norm_attention(qkv, qw, kw, H, 1e-6), ref64, dtype)
+
+
+@pytest.mark.gpu
+def test_qk_norm_attention_fp32_routes_to_triton(gpu_backend):
+    qkv = rnd(1, 17, 3 * 256, dtype=torch.float32)
+    qw, kw = rnd(256, dtype=torch.float32), rnd(256, dtype=torch.float32)
+    out = parity_run(gpu_backend, "qk_norm_attention", ops.qk_norm_attention, qkv, qw, kw, 4, 1e-6, None, expect="triton")
+    ref64 = F.qk_norm_attention(qkv.double(), qw.double(), kw.double(), 4, 1e-6)
+    assert_flash_rule(out, F.qk_norm_attention(qkv, qw, kw, 4, 1e-6), ref64, torch.float32)

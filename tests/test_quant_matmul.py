@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _parity import DEV, HALF, IDS, gpu_backend, parity_run, rnd  # noqa: F401 (gpu_backend is a fixture)
 
 import internvl_kernels
 from internvl_kernels import _backend
@@ -317,3 +318,72 @@ def test_gpu_fp16_and_fp32_and_split_k_determinism():
                                 kernel="splitk", split_k=8) for _ in range(5)]
     assert all(torch.equal(outs[0], o) for o in outs[1:]), "split-K results differ between runs"
     assert SPLITK_MAX_M >= 16
+
+
+# ------------------------------------------------------------------------------------- GPU parity: triton, cuda
+
+
+def _qmm_case(K, N, bits, layout, act, dtype, M, bias):
+    q = make_quant(K, N, bits, 128, layout, act_order=act, device=DEV)
+    x = rnd(M, K, dtype=dtype)
+    b = rnd(N, dtype=dtype, scale=0.1) if bias else None
+    return q, x, b
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF, ids=IDS.get)
+@pytest.mark.parametrize("layout", ["gptq", "gptq_v2"])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("act", [False, True], ids=["natural", "act_order"])
+@pytest.mark.parametrize("M", [1, 3, 16, 17, 32])
+def test_quant_matmul(gpu_backend, M, act, bits, layout, dtype):
+    K, N = 3200, 1024  # InternViT's K; full widths in test_quant_matmul_llm_shapes (the CPU reference is fp64)
+    q, x, b = _qmm_case(K, N, bits, layout, act, dtype, M, bias=(M % 2 == 1))
+    from internvl_kernels.ops._cuda import QUANT_MATMUL_MAX_M
+
+    y = parity_run(gpu_backend, "quant_matmul", ops.quant_matmul, x, q["qweight"], q["scales"], q["qzeros"], q["g_idx"], bits,
+            128, layout, bias=b, expect=None if M <= QUANT_MATMUL_MAX_M else "triton")
+    check_against_reference(y, x, q, bits, 128, layout, bias=b, what=f"{gpu_backend} M={M}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF, ids=IDS.get)
+@pytest.mark.parametrize("K,gs", [(1024, 32), (1040, -1), (1040, 16), (1040, 64), (1088, 64), (2048, 256)], ids=str)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quant_matmul_group_sizes_and_k_tails(gpu_backend, K, gs, bits, dtype):
+    """group_size % 64 == 0 takes the exact-integer path, others the general one (g_idx built by the binding);
+    K % 64 != 0 leaves a partial last chunk in both."""
+    q = make_quant(K, 256, bits, gs, "gptq_v2", device=DEV)
+    x = rnd(5, K, dtype=dtype)
+    y = parity_run(gpu_backend, "quant_matmul", ops.quant_matmul, x, q["qweight"], q["scales"], q["qzeros"], None, bits, gs,
+            "gptq_v2")
+    check_against_reference(y, x, q, bits, gs, "gptq_v2", what=f"{gpu_backend} K={K} gs={gs}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("KN", [(5120, 13824), (13824, 5120), (12800, 3200)], ids=str)
+@pytest.mark.parametrize("M", [1, 16])
+def test_quant_matmul_llm_shapes(gpu_backend, KN, M):
+    K, N = KN
+    q, x, _ = _qmm_case(K, N, 4, "gptq", False, torch.bfloat16, M, bias=False)
+    y = parity_run(gpu_backend, "quant_matmul", ops.quant_matmul, x, q["qweight"], q["scales"], q["qzeros"], None, 4, 128, "gptq")
+    check_against_reference(y, x, q, 4, 128, "gptq", what=f"{gpu_backend} {KN} M={M}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["awq", "bits3", "large_m"])
+def test_quant_matmul_uncovered_cases_route_to_triton(gpu_backend, case):
+    layout, bits, M = {"awq": ("awq", 4, 4), "bits3": ("gptq", 3, 4), "large_m": ("gptq", 4, 200)}[case]
+    q, x, _ = _qmm_case(1024, 512, bits, layout, False, torch.float16, M, bias=False)
+    y = parity_run(gpu_backend, "quant_matmul", ops.quant_matmul, x, q["qweight"], q["scales"], q["qzeros"], q["g_idx"], bits,
+            128, layout, expect="triton")
+    check_against_reference(y, x, q, bits, 128, layout, what=f"{gpu_backend} {case}")
+
+
+@pytest.mark.gpu
+def test_quant_matmul_split_k_is_deterministic(gpu_backend):
+    q, x, _ = _qmm_case(5120, 5120, 4, "gptq", False, torch.bfloat16, 1, bias=False)
+    args = (x, q["qweight"], q["scales"], q["qzeros"], None, 4, 128, "gptq")
+    y1 = parity_run(gpu_backend, "quant_matmul", ops.quant_matmul, *args)
+    y2 = parity_run(gpu_backend, "quant_matmul", ops.quant_matmul, *args)
+    assert torch.equal(y1, y2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _kernel_utils import DTYPE_IDS, DTYPES, NORM_TOL, assert_close, run_eager, run_kernel
+from _parity import ALL, HALF, IDS, gpu_backend, parity_run, rnd  # noqa: F401 (gpu_backend is a fixture)
 
 from internvl_kernels import ops
 from internvl_kernels.model import functional as F
@@ -84,3 +85,39 @@ def test_rms_norm_full_shapes(hidden, dtype, device):
     x, w = _inputs((13, 1025, hidden), dtype, device)
     out = run_kernel(ops.rms_norm, x, w, 1e-6)
     assert_close(out, F.rms_norm(x, w, 1e-6), **NORM_TOL[dtype])
+
+
+# ------------------------------------------------------------------------------------- GPU parity: triton, cuda
+
+
+NORM_SHAPES = [(1, 1, 3200), (2, 17, 3200), (1, 97, 12800), (3, 5, 576), (2, 7, 1001), (1, 3, 5001), (1, 2, 40000)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ALL, ids=IDS.get)
+@pytest.mark.parametrize("shape", NORM_SHAPES, ids=str)
+def test_rms_norm(gpu_backend, shape, dtype):
+    x = rnd(*shape, dtype=dtype, scale=3.0)
+    w = rnd(shape[-1], dtype=dtype)
+    out = parity_run(gpu_backend, "rms_norm", ops.rms_norm, x, w, 1e-6)
+    assert_close(out, F.rms_norm(x, w, 1e-6), **NORM_TOL[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF, ids=IDS.get)
+def test_rms_norm_misaligned_rows(gpu_backend, dtype):
+    """Rows that start off a 16-byte boundary (a [.., 3201] buffer sliced to 3200): the narrower vector paths."""
+    base = rnd(4, 9, 3201, dtype=dtype)
+    x = base[..., 1:]
+    w = rnd(3200, dtype=dtype)
+    out = parity_run(gpu_backend, "rms_norm", ops.rms_norm, x, w, 1e-6)
+    assert_close(out, F.rms_norm(x, w, 1e-6), **NORM_TOL[dtype])
+
+
+@pytest.mark.gpu
+def test_mixed_dtype_norm_routes_to_triton(gpu_backend):
+    """fp32 weight with bf16 x promotes to an fp32 output: the CUDA wrapper routes it to Triton."""
+    x = rnd(2, 5, 3200, dtype=torch.bfloat16)
+    w = rnd(3200, dtype=torch.float32)
+    out = parity_run(gpu_backend, "rms_norm", ops.rms_norm, x, w, 1e-6, expect="triton")
+    assert_close(out, F.rms_norm(x, w, 1e-6), **NORM_TOL[torch.float32])

@@ -60,4 +60,5 @@ def read_quant_config(path: str, raw: dict | None = None) -> dict | None:
 def config_dtype(raw: dict) -> torch.dtype | None:
     """The dtype a config names (``torch_dtype`` / ``dtype``, else the LLM config's), or None."""
     name = raw.get("torch_dtype") or raw.get("dtype") or (raw.get("llm_config") or {}).get("torch_dtype")
-    return getattr(torch, name) if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype) else None
+    found = getattr(torch, name, None) if isinstance(name, str) else None
+    return found if isinstance(found, torch.dtype) else None

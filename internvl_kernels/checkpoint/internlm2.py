@@ -92,7 +92,8 @@ def split_wqkv(wqkv: torch.Tensor, cfg) -> tuple[torch.Tensor, torch.Tensor, tor
     """Split a packed InternLM2 ``wqkv`` weight ``[(nh + 2·nkv)·hd, hidden]`` (or bias ``[(nh + 2·nkv)·hd]``)."""
     nh, nkv, hd = heads(cfg)
     if wqkv.shape[0] != (nh + 2 * nkv) * hd:
-        raise ValueError(f"wqkv has {wqkv.shape[0]} rows, expected (heads + 2·kv_heads)·head_dim = {(nh + 2 * nkv) * hd}")
+        raise ValueError(f"wqkv has {wqkv.shape[0]} rows, expected (heads + 2·kv_heads)·head_dim = "
+                         f"{(nh + 2 * nkv) * hd}")
     rows = wqkv_rows(nh, nkv, hd)
     return tuple(wqkv[r.to(wqkv.device)].contiguous() for r in rows)
 

@@ -18,7 +18,8 @@ from .configuration import InternVLChatConfig, UnsupportedConfigError
 from .conversation import get_conv_template
 from ..checkpoint.config import config_dtype, read_config, read_quant_config
 from ..checkpoint.files import CheckpointError, load_into_module, load_state_dict, save_state_dict, strip_prefix
-from ..checkpoint.internlm2 import internlm2_config_to_llama, internlm2_to_llama_state_dict, llama_to_internlm2_state_dict
+from ..checkpoint.internlm2 import (internlm2_config_to_llama, internlm2_to_llama_state_dict,
+                                    llama_to_internlm2_state_dict)
 from .vision import InternVisionModel
 
 logger = logging.getLogger("internvl_kernels")

@@ -9,7 +9,8 @@ per call by :mod:`internvl_kernels._backend` (``set_backend("auto"|"eager"|"trit
 from __future__ import annotations
 
 from ._common import launches, poison_outputs
-from .add_norm import add_layer_norm, add_rms_norm
+from .add_layer_norm import add_layer_norm
+from .add_rms_norm import add_rms_norm
 from .attention import attention
 from .layer_norm import layer_norm
 from .linear import linear, linear_choices

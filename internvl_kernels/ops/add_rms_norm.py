@@ -1,4 +1,5 @@
-"""``add_rms_norm`` / ``add_layer_norm``: the InternViT block's residual update fused with the next norm.
+"""``add_rms_norm``: the InternViT block's residual update fused with the next RMSNorm (its LayerNorm twin is
+:mod:`internvl_kernels.ops.add_layer_norm`, which shares this module's checks and launcher).
 
 ``new_residual = residual + x * scale`` (``scale`` = the layer scale ``ls1``/``ls2``, optional) followed by the
 norm of ``new_residual``; returns ``(new_residual, normed)`` from one pass over the rows: reads ``x``, ``residual``
@@ -19,7 +20,6 @@ from ._common import check_float, check_rank, check_same_device, check_same_dtyp
 from ._norm_kernel import norm_rows
 
 OP_RMS = "add_rms_norm"
-OP_LN = "add_layer_norm"
 
 
 def _dtypes(x: Tensor, residual: Tensor, scale: Optional[Tensor]):
@@ -83,44 +83,3 @@ def _(x, residual, weight, eps, scale):
 def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float = 1e-6, scale: Optional[Tensor] = None):
     """``new_residual = residual + scale * x``; returns ``(new_residual, rms_norm(new_residual, weight, eps))``."""
     return _add_rms_norm_op(x, residual, weight, float(eps), scale)
-
-
-# ---------------------------------------------------------------------------------------------- add_layer_norm
-def add_layer_norm_triton(x, residual, weight, bias, eps=1e-6, scale=None):
-    return _run(OP_LN, x, residual, weight, bias, eps, scale, False)
-
-
-def add_layer_norm_eager(x, residual, weight, bias, eps=1e-6, scale=None):
-    r, y = F_ref.add_layer_norm(x, residual, weight, bias, eps, scale)
-    return r.contiguous(), y.contiguous()
-
-
-_backend.register_impl(OP_LN, "eager", add_layer_norm_eager)
-_backend.register_impl(OP_LN, "triton", add_layer_norm_triton)
-
-
-@torch.library.custom_op("internvl_kernels::add_layer_norm", mutates_args=())
-def _add_layer_norm_op(
-    x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, scale: Optional[Tensor]
-) -> tuple[Tensor, Tensor]:
-    _check(OP_LN, x, residual, weight, bias, eps, scale)
-    return _backend.dispatch(OP_LN, x.device)(x, residual, weight, bias, eps, scale)
-
-
-@_add_layer_norm_op.register_fake
-def _(x, residual, weight, bias, eps, scale):
-    _check(OP_LN, x, residual, weight, bias, eps, scale)
-    _, res = _dtypes(x, residual, scale)
-    return x.new_empty(x.shape, dtype=res), x.new_empty(x.shape, dtype=res)
-
-
-def add_layer_norm(
-    x: Tensor,
-    residual: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    eps: float = 1e-6,
-    scale: Optional[Tensor] = None,
-):
-    """LayerNorm twin of :func:`add_rms_norm`; returns ``(new_residual, layer_norm(new_residual))``."""
-    return _add_layer_norm_op(x, residual, weight, bias, float(eps), scale)
