@@ -58,3 +58,38 @@ def cuda_fn():
         return run
 
     return make
+
+
+# the backends every op's benchmark has as rows; the cuda rows need a GPU and the extension
+IMPLS = ("eager", "triton", pytest.param("cuda", marks=pytest.mark.gpu))
+
+
+def row_fn(request, impl: str, reference, op_fn, op: str, *args):
+    """The callable a row times: the eager ``reference`` or ``op_fn`` pinned to ``impl``; for ``cuda`` after checking
+    (:func:`cuda_fn`) that the extension's kernel really runs for ``args``."""
+    if impl == "cuda":
+        return request.getfixturevalue("cuda_fn")(op_fn, op, *args)
+    return pinned(reference if impl == "eager" else op_fn, impl)
+
+
+def residual_norm_bench(op: str, reference, op_fn, C: int, with_bias: bool):
+    """The benchmark of a fused residual + norm op (``add_rms_norm`` / ``add_layer_norm``) over :data:`IMPLS`.
+
+    GB/s counts the fused op's traffic (read x and residual, write the new residual and the normed output: 4
+    tensors); the eager rows move the same useful bytes in five kernels (mul, add, norm)."""
+
+    @pytest.mark.benchmark(group=op)
+    @pytest.mark.parametrize("impl", IMPLS)
+    def bench(request, bench_run, bench_device, full_shapes, impl):
+        dt = dtype_for(bench_device)
+        tiles, seq = tiles_tokens(full_shapes)
+        g = dict(device=bench_device, dtype=dt)
+        x, res = torch.randn(tiles, seq, C, **g), torch.randn(tiles, seq, C, **g)
+        w, b, ls = torch.randn(C, **g), torch.randn(C, **g), torch.randn(C, **g)
+        args = (x, res, w, b, 1e-6, ls) if with_bias else (x, res, w, 1e-6, ls)
+        bench_run(row_fn(request, impl, reference, op_fn, op, *args), *args,
+                  bytes_moved=4 * x.numel() * x.element_size(), shapes={"tiles": tiles, "seq": seq, "hidden": C},
+                  dtype=dt, impl=impl_label(impl, bench_device))
+
+    bench.__name__ = f"test_{op}"
+    return bench

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _kernel_bench import (  # noqa: F401 (cuda_fn is a fixture)
-    C300M, C6B, cuda_fn, dtype_for, impl_label, pinned, tiles_tokens,
+    C300M, C6B, IMPLS, cuda_fn, dtype_for, impl_label, row_fn, tiles_tokens,
 )
 
 from internvl_kernels import ops
@@ -17,9 +17,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim
 
 
 @pytest.mark.benchmark(group="layer_norm")
-@pytest.mark.parametrize("impl", ["eager", "triton"])
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", list(CASES))
-def test_layer_norm(bench_run, bench_device, full_shapes, case, impl):
+def test_layer_norm(request, bench_run, bench_device, full_shapes, case, impl):
     dt = dtype_for(bench_device)
     tiles, seq = tiles_tokens(full_shapes)
     if case == "projector_ln":
@@ -27,25 +27,7 @@ def test_layer_norm(bench_run, bench_device, full_shapes, case, impl):
     C = CASES[case]
     g = dict(device=bench_device, dtype=dt)
     x, w, b = torch.randn(tiles, seq, C, **g), torch.randn(C, **g), torch.randn(C, **g)
-    fn = pinned(F.layer_norm if impl == "eager" else ops.layer_norm, impl)
+    fn = row_fn(request, impl, F.layer_norm, ops.layer_norm, "layer_norm", x, w, b, 1e-6)
     bench_run(fn, x, w, b, 1e-6, bytes_moved=2 * x.numel() * x.element_size(),
               shapes={"tiles": tiles, "seq": seq, "hidden": C, "case": case}, dtype=dt,
               impl=impl_label(impl, bench_device))
-
-
-# ------------------------------------------------------------------- cuda rows (csrc/ kernels via set_backend("cuda"))
-LN_CASES = {"vit300m_norm": C300M, "projector_ln": 4 * C6B}
-
-
-@pytest.mark.gpu
-@pytest.mark.benchmark(group="layer_norm")
-@pytest.mark.parametrize("case", list(LN_CASES))
-def test_layer_norm_cuda(bench_run, bench_device, full_shapes, cuda_fn, case):
-    dt = dtype_for(bench_device)
-    tiles, seq = tiles_tokens(full_shapes)
-    C = LN_CASES[case]
-    g = dict(device=bench_device, dtype=dt)
-    x, w, b = torch.randn(tiles, seq, C, **g), torch.randn(C, **g), torch.randn(C, **g)
-    fn = cuda_fn(ops.layer_norm, "layer_norm", x, w, b, 1e-6)
-    bench_run(fn, x, w, b, 1e-6, bytes_moved=2 * x.numel() * x.element_size(),
-              shapes={"tiles": tiles, "seq": seq, "hidden": C, "case": case}, dtype=dt, impl="cuda")

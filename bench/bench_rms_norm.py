@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _kernel_bench import (  # noqa: F401 (cuda_fn is a fixture)
-    C6B, I6B, LLM_HIDDEN, cuda_fn, dtype_for, impl_label, pinned, tiles_tokens,
+    C6B, I6B, IMPLS, LLM_HIDDEN, cuda_fn, dtype_for, impl_label, row_fn, tiles_tokens,
 )
 
 from internvl_kernels import ops
@@ -20,33 +20,15 @@ pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim
 
 
 @pytest.mark.benchmark(group="rms_norm")
-@pytest.mark.parametrize("impl", ["eager", "triton"])
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", list(CASES))
-def test_rms_norm(bench_run, bench_device, full_shapes, case, impl):
+def test_rms_norm(request, bench_run, bench_device, full_shapes, case, impl):
     dt = dtype_for(bench_device)
     tiles, seq = tiles_tokens(full_shapes)
     C = CASES[case] if full_shapes else min(CASES[case], 3200)
     x = torch.randn(tiles, seq, C, device=bench_device, dtype=dt)
     w = torch.randn(C, device=bench_device, dtype=dt)
-    fn = pinned(F.rms_norm if impl == "eager" else ops.rms_norm, impl)
+    fn = row_fn(request, impl, F.rms_norm, ops.rms_norm, "rms_norm", x, w, 1e-6)
     bench_run(fn, x, w, 1e-6, bytes_moved=2 * x.numel() * x.element_size(),
               shapes={"tiles": tiles, "seq": seq, "hidden": C, "case": case}, dtype=dt,
               impl=impl_label(impl, bench_device))
-
-
-# ------------------------------------------------------------------- cuda rows (csrc/ kernels via set_backend("cuda"))
-RMS_CASES = {"vit6b_norm": C6B, "vit6b_mlp_width": I6B, "llm_norm": LLM_HIDDEN}
-
-
-@pytest.mark.gpu
-@pytest.mark.benchmark(group="rms_norm")
-@pytest.mark.parametrize("case", list(RMS_CASES))
-def test_rms_norm_cuda(bench_run, bench_device, full_shapes, cuda_fn, case):
-    dt = dtype_for(bench_device)
-    tiles, seq = tiles_tokens(full_shapes)
-    C = RMS_CASES[case]
-    x = torch.randn(tiles, seq, C, device=bench_device, dtype=dt)
-    w = torch.randn(C, device=bench_device, dtype=dt)
-    fn = cuda_fn(ops.rms_norm, "rms_norm", x, w, 1e-6)
-    bench_run(fn, x, w, 1e-6, bytes_moved=2 * x.numel() * x.element_size(),
-              shapes={"tiles": tiles, "seq": seq, "hidden": C, "case": case}, dtype=dt, impl="cuda")

@@ -10,6 +10,8 @@ import os
 import re
 import sys
 
+from internvl_kernels.quant.formats import FORMATS
+
 EPILOG = """\
 examples:
   python -m quantize --bits 4                                   # the CPU demo (SmolLM2-135M + random InternViT)
@@ -71,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip", action="append", default=[], metavar="PATTERN",
                    help="glob of Linear names to keep 16-bit (repeatable or comma-separated), "
                         "e.g. 'language_model.model.layers.0.*'")
-    p.add_argument("--format", dest="fmt", choices=("gptq", "gptq_v2", "awq"), default=None,
+    p.add_argument("--format", dest="fmt", choices=FORMATS, default=None,
                    help="on-disk format (default: awq for --method awq, else gptq = AutoGPTQ v1)")
     p.add_argument("--calib-images", metavar="DIR", help="calibration images (default: skimage.data photos)")
     p.add_argument("--calib-text", metavar="FILE", help="calibration text, plain or wiki JSON "

@@ -53,7 +53,9 @@ def _resolve_relative(module: str, level: int, target: str | None) -> str:
 def _imports(name: str) -> list[tuple[str, bool]]:
     """``(imported module, at module level)`` for every import statement of module ``name`` (local modules only).
 
-    ``importlib.import_module("<literal>")`` calls count as imports too (lazy package attributes use them)."""
+    ``importlib.import_module("<literal>")`` calls count as imports too, and so do the module paths named in a
+    module-level dict of a module that calls ``lazy_exports`` (lazy package attributes,
+    :mod:`internvl_kernels.lazy_exports`); both are imports at first use, not at import time."""
     tree = ast.parse(open(MODULES[name], encoding="utf-8").read(), MODULES[name])
     top_level = {id(n) for n in tree.body}
     for n in tree.body:  # imports under a module-level if/try still run at import time
@@ -73,6 +75,12 @@ def _imports(name: str) -> list[tuple[str, bool]]:
               and node.func.attr == "import_module" and node.args and isinstance(node.args[0], ast.Constant)
               and isinstance(node.args[0].value, str)):
             found.append((node.args[0].value, False))
+    if any(isinstance(n, ast.Call) and getattr(n.func, "id", None) == "lazy_exports" for n in ast.walk(tree)):
+        for n in tree.body:
+            if isinstance(n, ast.Assign) and isinstance(n.value, ast.Dict):
+                for c in list(n.value.keys) + list(n.value.values):
+                    if isinstance(c, ast.Constant) and isinstance(c.value, str) and c.value.split(".")[0] in PACKAGES:
+                        found.append((c.value, False))
     return [(m, top) for m, top in found if m.split(".")[0] in PACKAGES and m not in EXTENSIONS]
 
 
@@ -135,6 +143,12 @@ def test_import_time_graph_has_no_cycle():
         graph[name] = edges - set(_parents(name))
     cycle = _find_cycle(graph)
     assert cycle is None, "import-time cycle: " + " -> ".join(cycle)
+
+
+def test_lazy_package_attributes_are_seen():
+    lazy = {m for m, top in _imports("internvl_kernels.model") if not top}
+    assert {"internvl_kernels.model.chat", "internvl_kernels.model.quantized"} <= lazy
+    assert not any(top for m, top in _imports("internvl_kernels.model") if m.startswith("internvl_kernels.model."))
 
 
 def test_cycle_finder_finds_cycles():

@@ -5,41 +5,19 @@ do) loads neither transformers nor the chat model.
 """
 from __future__ import annotations
 
-import importlib
+from ..lazy_exports import lazy_exports
 
 _EXPORTS = {
-    "chat": ("IMG_CONTEXT_TOKEN", "IMG_END_TOKEN", "IMG_START_TOKEN", "InternVLChatModel",
-             "llama_config_from_llm_config", "materialize_buffers"),
-    "configuration": ("InternVisionConfig", "InternVLChatConfig", "UnsupportedConfigError"),
-    "functional": ("pixel_shuffle", "pixel_shuffle_grid"),
-    "checkpoint": ("CheckpointError", "load_state_dict", "save_state_dict"),
-    "vision": ("InternAttention", "InternMLP", "InternRMSNorm", "InternVisionEmbeddings", "InternVisionEncoderLayer",
-               "InternVisionModel", "VisionOutput"),
-    "quantized": ("load_quantized_llm", "load_quantized_vit"),
-    "preprocess": ("dynamic_preprocess", "load_image", "build_transform"),  # pulls in PIL
+    "internvl_kernels.model.chat": ("IMG_CONTEXT_TOKEN", "IMG_END_TOKEN", "IMG_START_TOKEN", "InternVLChatModel",
+                                    "llama_config_from_llm_config", "materialize_buffers"),
+    "internvl_kernels.model.configuration": ("InternVisionConfig", "InternVLChatConfig", "UnsupportedConfigError"),
+    "internvl_kernels.model.functional": ("pixel_shuffle", "pixel_shuffle_grid"),
+    "internvl_kernels.checkpoint": ("CheckpointError", "load_state_dict", "save_state_dict"),
+    "internvl_kernels.model.vision": ("InternAttention", "InternMLP", "InternRMSNorm", "InternVisionEmbeddings",
+                                      "InternVisionEncoderLayer", "InternVisionModel", "VisionOutput"),
+    "internvl_kernels.model.quantized": ("load_quantized_llm", "load_quantized_vit"),
+    "internvl_kernels.model.preprocess": ("dynamic_preprocess", "load_image", "build_transform"),  # pulls in PIL
 }
-_WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
 
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name):
-    # import_module, not ``from . import x``: the latter asks this __getattr__ for ``x`` again
-    where = _WHERE.get(name)
-    if where == "chat":
-        mod = importlib.import_module("internvl_kernels.model.chat")
-    elif where == "configuration":
-        mod = importlib.import_module("internvl_kernels.model.configuration")
-    elif where == "functional":
-        mod = importlib.import_module("internvl_kernels.model.functional")
-    elif where == "checkpoint":
-        mod = importlib.import_module("internvl_kernels.checkpoint")
-    elif where == "vision":
-        mod = importlib.import_module("internvl_kernels.model.vision")
-    elif where == "quantized":
-        mod = importlib.import_module("internvl_kernels.model.quantized")
-    elif where == "preprocess":
-        mod = importlib.import_module("internvl_kernels.model.preprocess")
-    else:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(mod, name)
+__all__ = sorted(name for names in _EXPORTS.values() for name in names)
+__getattr__ = lazy_exports(__name__, {name: mod for mod, names in _EXPORTS.items() for name in names})

@@ -16,23 +16,19 @@ Attributes are imported on first use, so ``import internvl_kernels.quant.formats
 """
 from __future__ import annotations
 
-import importlib
+from ..lazy_exports import lazy_exports
 
 _EXPORTS = {
-    "QuantLinear": ("linear", "QuantLinear"),
-    "QuantConfig": ("loading", "QuantConfig"),
-    "UnsupportedQuantizationError": ("loading", "UnsupportedQuantizationError"),
-    "apply_quantization": ("loading", "apply_quantization"),
-    "replace_with_quant_linear": ("loading", "replace_with_quant_linear"),
-    "dequantize_model": ("loading", "dequantize_model"),
-    "model_nbytes": ("loading", "model_nbytes"),
-    "read_quant_config": ("loading", "read_quant_config"),
-    "QuantFormat": ("formats", "QuantFormat"),
-    "get_format": ("formats", "get_format"),
-    "FORMATS": ("formats", "FORMATS"),
+    "internvl_kernels.quant.formats": ("formats", "QuantFormat", "get_format", "FORMATS"),
+    "internvl_kernels.quant.linear": ("QuantLinear",),
+    "internvl_kernels.quant.loading": ("QuantConfig", "UnsupportedQuantizationError", "apply_quantization",
+                                       "replace_with_quant_linear", "dequantize_model", "model_nbytes",
+                                       "read_quant_config"),
 }
 
-__all__ = sorted([*_EXPORTS, "formats", "dequantize", "quant_matmul_reference", "unpack"])
+__all__ = sorted([name for names in _EXPORTS.values() for name in names] + ["dequantize", "quant_matmul_reference",
+                                                                             "unpack"])
+__getattr__ = lazy_exports(__name__, {name: mod for mod, names in _EXPORTS.items() for name in names})
 
 
 def unpack(qweight, qzeros, bits: int, layout: str):
@@ -56,18 +52,3 @@ def quant_matmul_reference(x, qweight, scales, qzeros, g_idx, bits: int, group_s
     from ..model.functional import quant_matmul
 
     return quant_matmul(x, qweight, scales, qzeros, g_idx, bits, group_size, layout, bias=bias)
-
-
-def __getattr__(name):
-    # import_module, not ``from . import x``: the latter asks this __getattr__ for ``x`` again
-    where = "formats" if name == "formats" else _EXPORTS.get(name, ("",))[0]
-    if where == "formats":
-        mod = importlib.import_module("internvl_kernels.quant.formats")
-    elif where == "linear":
-        mod = importlib.import_module("internvl_kernels.quant.linear")
-    elif where == "loading":
-        mod = importlib.import_module("internvl_kernels.quant.loading")
-    else:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return mod if name == "formats" else getattr(mod, _EXPORTS[name][1])
-
