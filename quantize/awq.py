@@ -1,4 +1,4 @@
-"""AWQ (Lin et al.): activation-aware per-input-channel scaling + clipping search, then round-to-nearest (DESIGN.md §3).
+"""AWQ (Lin et al.): activation-aware per-input-channel scaling + clipping search, then round-to-nearest (docs/design.md §3).
 
 Scale search, for a group of Linears that share one input ``x`` (e.g. q/k/v after ``input_layernorm``):
 

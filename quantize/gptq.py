@@ -1,4 +1,4 @@
-"""GPTQ (Frantar et al.): second-order, column-by-column quantization with error feedback (DESIGN.md §3).
+"""GPTQ (Frantar et al.): second-order, column-by-column quantization with error feedback (docs/design.md §3).
 
 * ``H = (2/N) Σ x xᵀ`` accumulated in fp32 over the calibration tokens (:class:`Hessian`, a running mean so
   batches of any size can be added).

@@ -16,7 +16,7 @@ from internvl_kernels.model.preprocess import (
     target_ratios,
 )
 
-# (width, height, max_num) -> (columns, rows); derived by hand from the rule in DESIGN.md §1:
+# (width, height, max_num) -> (columns, rows); derived by hand from the rule in docs/design.md §1:
 # closest aspect ratio; on a tie the larger grid wins iff image area > 0.5 · 448² · tiles.
 TABLE = [
     (448, 448, 12, (1, 1)),      # ties (2,2),(3,3): area 200704 ≤ 0.5·448²·4 → stays (1,1)

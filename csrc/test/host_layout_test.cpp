@@ -231,7 +231,7 @@ void check_qmm(std::mt19937& rng, int bits, bool act_order, int zero_offset) {
   for (int k = 0; k < K; ++k) gidx[k] = k / gs;
   if (act_order)
     for (int k = K - 1; k > 0; --k) std::swap(gidx[k], gidx[std::uniform_int_distribution<int>(0, k)(rng)]);
-  // pack (format definition, DESIGN.md section 2)
+  // pack (format definition, docs/design.md §2)
   std::vector<uint32_t> qweight((K / per) * N, 0u), qzeros(G * (N / per), 0u);
   for (int k = 0; k < K; ++k)
     for (int n = 0; n < N; ++n) qweight[(k / per) * N + n] |= static_cast<uint32_t>(q[k * N + n]) << (bits * (k % per));

@@ -1,7 +1,7 @@
 """``quant_matmul``: weight-only quantized GEMM (W2/3/4/8 A16) on GPTQ v1 / gptq_v2 / AWQ-GEMM packed weights.
 
 ``y = x @ W.T (+ bias)`` with ``W[n, k] = (q[k, n] - zero[g(k), n]) * scale[g(k), n]`` dequantized from the packed
-checkpoint tensors exactly as :mod:`internvl_kernels.quant.formats` defines them (DESIGN.md §2). Output in ``x.dtype``; products are
+checkpoint tensors exactly as :mod:`internvl_kernels.quant.formats` defines them (docs/design.md §2). Output in ``x.dtype``; products are
 accumulated in fp32.
 
 ``layout`` selects the packing *and* the zero convention:
