@@ -4,7 +4,8 @@ Every function is a ``torch.library`` custom op in the ``internvl_kernels`` name
 with a fake implementation, so it traces under ``torch.compile(fullgraph=True)``. Which implementation runs is picked
 per call by :mod:`internvl_kernels._backend` (``set_backend("auto"|"eager"|"triton"|"cuda")``, a context manager, or
 ``INTERNVL_KERNELS_BACKEND``): the eager reference (:mod:`internvl_kernels.model.functional`), the Triton kernels
-(CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``), or the CUDA extension where it registered the op.
+(CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``), or the CUDA extension where it registered the op and its
+``can_implement`` accepts the call. ``python -m internvl_kernels`` prints each op's choice and the reasons.
 """
 from __future__ import annotations
 

@@ -8,7 +8,8 @@ Every op file follows the same pattern (one op, one file):
 * a ``torch.library.custom_op("internvl_kernels::<op>")`` whose implementation validates the inputs and calls
   ``_backend.dispatch(<op>, device)``, plus a ``register_fake`` for ``torch.compile`` / meta tensors.
 
-A CUDA implementation is one line: ``register_impl("<op>", "cuda", fn)`` with the same signature.
+A CUDA implementation is ``register_impl("<op>", "cuda", fn, can_implement=...)`` with the same signature, where
+``can_implement(*args) -> (ok, reason)`` declares the calls it covers (see :mod:`internvl_kernels.ops._cuda`).
 
 Outputs of the Triton wrappers are allocated with :func:`new_empty`; under :func:`poison_outputs` they are pre-filled
 with NaN so the tests prove that every element is written by the kernel.
