@@ -30,7 +30,7 @@ def _samples(device, dtype=torch.float32):
         "add_rms_norm": ((r(2, 5, 96), r(2, 5, 96), r(96), 1e-6, r(96)), {}),
         "add_layer_norm": ((r(2, 5, 96), r(2, 5, 96), r(96), None, 1e-6, None), {}),
         "attention": ((r(1, 9, 2, 64), r(1, 11, 2, 64), r(1, 11, 2, 64), None), {}),
-        "qk_norm_attention": ((r(1, 9, 3 * C), r(C), r(C), 2, 1e-6, 0.125), {}),
+        "qk_norm_attention": ((r(1, 9, 3 * C), r(C), r(C), 2, 1e-6, 0.125, "exact"), {}),
         "pixel_shuffle": ((r(2, 16, 8), 0.5, "v1"), {}),
         "pixel_shuffle_layer_norm": ((r(2, 16, 8), r(32), r(32), 0.5, "v2", 1e-5), {}),
         "linear": ((r(2, 3, 40), r(24, 40), r(24), "gelu"), {}),
