@@ -17,6 +17,20 @@ class UnsupportedConfigError(ValueError):
     """A config value this implementation does not support (named in the message)."""
 
 
+# ``llm_config.architectures[0]`` → the InternVL releases that ship it. Qwen2 / Phi-3 / Llama run as transformers' own
+# classes; InternLM2 (no transformers class) is converted to the Llama layout on load.
+SUPPORTED_LLMS = {
+    "LlamaForCausalLM": "V1.1, V1.2, InternVL2-Llama3-76B / 40B (Llama layout)",
+    "InternLM2ForCausalLM": "V1.5, InternVL2 2B/8B/26B, InternVL2.5 4B..26B (InternLM2 / 2.5)",
+    "Qwen2ForCausalLM": "InternVL2-1B, InternVL2.5 1B/8B/38B/78B, InternVL3 (Qwen2 / 2.5)",
+    "Phi3ForCausalLM": "InternVL2-4B (Phi-3)",
+}
+
+
+def supported_llms_text() -> str:
+    return "; ".join(f"{k} ({v})" for k, v in SUPPORTED_LLMS.items())
+
+
 @dataclass
 class InternVisionConfig:
     num_channels: int = 3
@@ -113,10 +127,10 @@ class InternVLChatConfig:
         if not (-n - 1 <= self.select_layer <= n):
             raise UnsupportedConfigError(f"select_layer={self.select_layer} out of range for {n} layers")
         arch = self.llm_architecture
-        if arch not in ("LlamaForCausalLM", "InternLM2ForCausalLM"):
+        if arch not in SUPPORTED_LLMS:
             raise UnsupportedConfigError(
                 f"llm_config.architectures={self.llm_config.get('architectures')!r}: supported LLMs are "
-                "LlamaForCausalLM (V1.1, V1.2) and InternLM2ForCausalLM (V1.5)"
+                + supported_llms_text()
             )
         grid = self.image_size // self.vision_config.patch_size
         if grid % round(r):
