@@ -156,7 +156,8 @@ def _hf_projector(proj: nn.Module, tokens: torch.Tensor, ratio: float) -> torch.
 
 
 def _mlp(mlp: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    if _plain_linear(mlp.fc1) and _exact_gelu(mlp.act):
+    act = getattr(mlp, "act", None) or getattr(mlp, "activation_fn", None)  # InternViT's / transformers' name
+    if _plain_linear(mlp.fc1) and _exact_gelu(act):
         return mlp.fc2(ops.linear(h, mlp.fc1.weight, mlp.fc1.bias, "gelu"))
     return mlp(h)
 

@@ -8,36 +8,15 @@ import torch
 
 from internvl_kernels.model import IMG_CONTEXT_TOKEN, InternVLChatModel
 from internvl_kernels.model.hf_interop import official_state_dict_from_hf, write_official_checkpoint_from_hf
-from internvl_kernels.model.testing import randomize_, write_checkpoint
+from internvl_kernels.model.testing import HF_IMAGE_TOKEN_ID, build_hf_internvl, write_checkpoint
 
 tf_internvl = pytest.importorskip("transformers.models.internvl")
 
-IMG_ID = 7  # the image-context token id of these tiny vocabularies
+IMG_ID = HF_IMAGE_TOKEN_ID
 
 
 def _hf_model(kind: str, tie: bool, seed: int, feature_layer: int = -1):
-    from transformers import Qwen2Config
-
-    vision = tf_internvl.InternVLVisionConfig(
-        hidden_size=128, num_attention_heads=2, intermediate_size=320, num_hidden_layers=3, image_size=[56, 56],
-        patch_size=[14, 14], norm_type="rms_norm" if kind == "6b" else "layer_norm", use_qk_norm=kind == "6b",
-        attention_bias=kind == "300m", layer_norm_eps=1e-6, hidden_act="gelu", use_mean_pooling=True,
-        layer_scale_init_value=0.1,
-    )
-    text = Qwen2Config(vocab_size=160, hidden_size=96, intermediate_size=200, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, rope_theta=1e6, rms_norm_eps=1e-6,
-                       max_position_embeddings=1024, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2,
-                       pad_token_id=3)
-    cfg = tf_internvl.InternVLConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=IMG_ID,
-                                     downsample_ratio=0.5, projector_hidden_act="gelu",
-                                     vision_feature_layer=feature_layer, vision_feature_select_strategy="default",
-                                     tie_word_embeddings=tie)
-    torch.manual_seed(seed)
-    hf = tf_internvl.InternVLForConditionalGeneration(cfg).eval()
-    randomize_(hf, seed=seed)
-    if tie:
-        hf.tie_weights()
-    return hf
+    return build_hf_internvl(kind, tie=tie, seed=seed, feature_layer=feature_layer)
 
 
 def _ids(tiles: int, seed: int):

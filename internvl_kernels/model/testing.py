@@ -239,3 +239,37 @@ def write_vision_checkpoint(path: str, kind: str = "6b", seed: int = 0, num_laye
         json.dump(d, f, indent=2)
     save_state_dict(model.state_dict(), path, max_shard_size=max(64 * 1024, 1))
     return path
+
+
+HF_IMAGE_TOKEN_ID = 7  # the image-context token of :func:`build_hf_internvl`'s vocabulary
+
+
+def build_hf_internvl(kind: str = "6b", tie: bool = False, seed: int = 0, feature_layer: int = -1,
+                      num_layers: int = 3, text_layers: int = 2):
+    """transformers' own ``InternVLForConditionalGeneration`` (the "-hf" layout) at tiny widths with a Qwen2 text
+    model, seeded like :func:`randomize_`: ``kind`` "6b" (RMSNorm, QK-norm, no qkv bias) or "300m" (LayerNorm,
+    qkv bias); 56 px tiles → 4 image tokens per tile; image-context token id :data:`HF_IMAGE_TOKEN_ID`."""
+    from transformers import Qwen2Config
+    from transformers.models.internvl import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig
+
+    if kind not in ("6b", "300m"):
+        raise ValueError(f"unknown vision kind {kind!r} (6b, 300m)")
+    vision = InternVLVisionConfig(
+        hidden_size=128, num_attention_heads=2, intermediate_size=320, num_hidden_layers=num_layers,
+        image_size=[56, 56], patch_size=[14, 14], norm_type="rms_norm" if kind == "6b" else "layer_norm",
+        use_qk_norm=kind == "6b", attention_bias=kind == "300m", layer_norm_eps=1e-6, hidden_act="gelu",
+        use_mean_pooling=True, layer_scale_init_value=0.1,
+    )
+    text = Qwen2Config(vocab_size=160, hidden_size=96, intermediate_size=200, num_hidden_layers=text_layers,
+                       num_attention_heads=4, num_key_value_heads=2, rope_theta=1e6, rms_norm_eps=1e-6,
+                       max_position_embeddings=1024, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2,
+                       pad_token_id=3)
+    cfg = InternVLConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=HF_IMAGE_TOKEN_ID,
+                         downsample_ratio=0.5, projector_hidden_act="gelu", vision_feature_layer=feature_layer,
+                         vision_feature_select_strategy="default", tie_word_embeddings=tie)
+    torch.manual_seed(seed)
+    hf = InternVLForConditionalGeneration(cfg).eval()
+    randomize_(hf, seed=seed)
+    if tie:
+        hf.tie_weights()
+    return hf
