@@ -71,6 +71,9 @@ class InternVisionConfig:
             )
         if self.num_channels <= 0 or self.num_hidden_layers <= 0:
             raise UnsupportedConfigError("vision_config: num_channels and num_hidden_layers must be positive")
+        # InternVL3's vision configs carry the fields of an MoE variant of the tower, switched off in every release
+        if self.extra.get("use_moe"):
+            raise UnsupportedConfigError("vision_config.use_moe=true: the mixture-of-experts InternViT is not supported")
 
     @property
     def head_dim(self) -> int:
@@ -132,6 +135,9 @@ class InternVLChatConfig:
                 f"llm_config.architectures={self.llm_config.get('architectures')!r}: supported LLMs are "
                 + supported_llms_text()
             )
+        if self.dynamic_image_size and not 1 <= self.min_dynamic_patch <= self.max_dynamic_patch:
+            raise UnsupportedConfigError(f"min_dynamic_patch={self.min_dynamic_patch} / max_dynamic_patch="
+                                         f"{self.max_dynamic_patch}: need 1 <= min <= max")
         grid = self.image_size // self.vision_config.patch_size
         if grid % round(r):
             raise UnsupportedConfigError(f"patch grid {grid}x{grid} is not divisible by 1/downsample_ratio={round(r)}")
