@@ -104,3 +104,34 @@ def test_phi3_inside_the_chat_model_matches_transformers_phi3(tmp_path):
     # and on the short prompt (short factors)
     short = ids[:, :40]
     assert _rel(model(input_ids=short).logits, ref(input_ids=short).logits) <= 1e-5
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("T", [12, 40])
+def test_internlm2_dynamic_ntk_rope_matches_its_equations(T):
+    """InternLM2 / 2.5 configs ship ``rope_scaling: {type: dynamic, factor}``: past max_position_embeddings the base
+    becomes ``base·(factor·T/max_pos − (factor − 1))^(d/(d−2))`` (InternLM2's DynamicNTKScalingRotaryEmbedding); the
+    converted Llama must follow it (T=12: unscaled, T=40 > max_pos=16: scaled)."""
+    from test_oracle_transformers import _internlm2_forward
+    from transformers import LlamaForCausalLM
+
+    from internvl_kernels.model.chat import llama_config_from_llm_config
+    from internvl_kernels.model.internlm2 import llama_to_internlm2_state_dict
+    from internvl_kernels.model.testing import randomize_
+
+    cfg = dict(architectures=["InternLM2ForCausalLM"], vocab_size=101, hidden_size=64, intermediate_size=160,
+               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
+               rope_theta=10000.0, rope_scaling={"type": "dynamic", "factor": 2.0}, bias=False,
+               max_position_embeddings=16)
+    llama = LlamaForCausalLM(llama_config_from_llm_config(cfg)).eval()
+    llama.config._attn_implementation = "eager"
+    randomize_(llama, seed=5, std=0.1)
+    sd = llama_to_internlm2_state_dict(dict(llama.state_dict()), cfg)
+    ids = torch.randint(0, 101, (1, T), generator=torch.Generator().manual_seed(T))
+    hd, f, mp = 16, 2.0, 16
+    base = 10000.0 if T <= mp else 10000.0 * ((f * T / mp) - (f - 1)) ** (hd / (hd - 2))
+    ref = _internlm2_forward(sd, {**cfg, "rope_theta": base}, ids)
+    got = llama(ids).logits
+    assert _rel(got, ref) <= 1e-5, _rel(got, ref)
+    if T > mp:  # and the scaling really mattered
+        assert _rel(_internlm2_forward(sd, cfg, ids), ref) > 1e-3
