@@ -226,3 +226,36 @@ def test_family_patched_matches_eager(folders, preset, device):
     assert torch.equal(greedy_k, greedy)
     unpatch_model(model)
     assert torch.equal(model(pixel_values=pv, input_ids=ids).logits, logits)
+
+
+def test_llm_config_conversion_of_published_fields():
+    from internvl_kernels.model.chat import llm_config_to_hf
+
+    # InternVL2-4B's Phi-3-mini-128k llm_config: "su" long-context scaling, original_max at the top level,
+    # flash-attention requested by the remote code (not honoured here: transformers picks its own backend)
+    phi3 = dict(architectures=["Phi3ForCausalLM"], model_type="phi3", vocab_size=32064, hidden_size=96,
+                intermediate_size=256, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
+                max_position_embeddings=131072, original_max_position_embeddings=4096, rope_theta=10000.0,
+                rope_scaling={"type": "su", "long_factor": [1.5] * 12, "short_factor": [1.0] * 12},
+                pad_token_id=32000, attn_implementation="flash_attention_2",
+                auto_map={"AutoConfig": "configuration_phi3.Phi3Config"})
+    c = llm_config_to_hf(phi3)
+    assert type(c).__name__ == "Phi3Config" and c.rope_parameters["rope_type"] == "longrope"
+    assert c.rope_parameters["original_max_position_embeddings"] == 4096
+    assert c._attn_implementation != "flash_attention_2"
+    # InternVL2.5-1B's Qwen2.5-0.5B-Instruct llm_config
+    qwen = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=151674, hidden_size=896,
+                intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                rope_theta=1000000.0, rope_scaling=None, sliding_window=32768, use_sliding_window=False,
+                max_window_layers=21, tie_word_embeddings=True, rms_norm_eps=1e-6, bos_token_id=151643,
+                eos_token_id=151645, attn_implementation="flash_attention_2")
+    q = llm_config_to_hf(qwen)
+    assert type(q).__name__ == "Qwen2Config" and q.tie_word_embeddings and q.num_key_value_heads == 2
+    assert q.rope_parameters["rope_theta"] == 1e6 and q._attn_implementation != "flash_attention_2"
+    from transformers import Qwen2ForCausalLM
+
+    with torch.device("meta"):
+        n = sum(p.numel() for p in Qwen2ForCausalLM(q).parameters() if p is not None)
+    assert 0.45e9 < n < 0.65e9  # Qwen2.5-0.5B (tied: the embedding counted once)
+    with pytest.raises(UnsupportedConfigError, match="Qwen2ForCausalLM"):
+        llm_config_to_hf({**qwen, "architectures": ["GemmaForCausalLM"]})

@@ -135,3 +135,17 @@ def test_internlm2_dynamic_ntk_rope_matches_its_equations(T):
     assert _rel(got, ref) <= 1e-5, _rel(got, ref)
     if T > mp:  # and the scaling really mattered
         assert _rel(_internlm2_forward(sd, cfg, ids), ref) > 1e-3
+
+
+def test_hf_configs_without_an_official_counterpart_are_refused():
+    from internvl_kernels.model.configuration import UnsupportedConfigError
+    from internvl_kernels.model.hf_interop import official_config_from_hf
+
+    hf = _hf_model("300m", True, seed=1)
+    hf.config.vision_feature_select_strategy = "full"
+    with pytest.raises(UnsupportedConfigError, match="vision_feature_select_strategy"):
+        official_config_from_hf(hf.config)
+    hf.config.vision_feature_select_strategy = "default"
+    hf.config.vision_feature_layer = [-1, -2]
+    with pytest.raises(UnsupportedConfigError, match="vision_feature_layer"):
+        official_config_from_hf(hf.config)
