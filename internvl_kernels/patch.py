@@ -1,8 +1,9 @@
 """Swap the reference model's hot paths for the kernel-backed ops of :mod:`internvl_kernels.ops`.
 
 ``patch_model(model)`` works on an :class:`~internvl_kernels.model.InternVLChatModel`, a standalone
-:class:`~internvl_kernels.model.InternVisionModel`, a bare transformers Llama LLM, or any module containing them
-(loaded by ``from_pretrained`` or built in memory). It is **non-destructive**: every patched module keeps its
+:class:`~internvl_kernels.model.InternVisionModel`, transformers' own ``InternVLForConditionalGeneration`` /
+``InternVLModel`` / ``InternVLVisionModel`` (the "-hf" checkpoints of InternVL2.5 / 3), a bare transformers Llama /
+Qwen2 / Phi-3 LLM, or any module containing them (loaded by ``from_pretrained`` or built in memory). It is **non-destructive**: every patched module keeps its
 identity, parameters, buffers and ``state_dict`` keys; only its class is switched to a subclass whose ``forward``
 calls the fused ops (``module.__class__ = Kernel<Original>``). :func:`unpatch_model` switches the classes back, so
 the model is exactly the original again. Patching twice is a no-op. No weight is copied.
@@ -17,7 +18,14 @@ What changes:
   Triton, whichever is faster). ``qkv``/``proj``/``fc2`` stay the modules they are (so quantized Linears keep working).
 * **Projector** (``projector=True``): ``pixel_shuffle_and_project`` becomes ``pixel_shuffle_layer_norm`` (the
   shuffled copy never exists) followed by the two GEMMs with bias + GELU epilogues.
-* **LLM norms** (``llm_norms=True``): every ``LlamaRMSNorm`` → :func:`internvl_kernels.ops.rms_norm`.
+* **LLM norms** (``llm_norms=True``): every ``LlamaRMSNorm`` / ``Qwen2RMSNorm`` / ``Phi3RMSNorm`` →
+  :func:`internvl_kernels.ops.rms_norm`.
+* **transformers' InternVL**: ``InternVLVisionLayer`` / ``InternVLVisionEncoder`` get the same fused chain
+  (``layernorm_before/after``, ``lambda_1/2`` as the layer scales); its separate ``q_proj``/``k_proj``/``v_proj``
+  outputs feed ``qk_norm_attention`` through one concatenated ``[B, N, 3C]`` activation (6B shape; the weights stay
+  separate) or ``attention`` directly (300M shape). While transformers records per-layer outputs
+  (``output_hidden_states``, a ``vision_feature_layer`` other than -1) each layer runs on its own so its hooks fire.
+  ``InternVLModel.get_image_features`` fuses pixel-shuffle into the ``multi_modal_projector``'s LayerNorm.
 
 The ops dispatch by the backend switch (:func:`internvl_kernels.set_backend`): on CPU tensors with the default
 ``auto`` backend they run the eager references, so a patched model is always safe to run.
@@ -40,15 +48,42 @@ try:  # the LLM's norm class
 except Exception:  # pragma: no cover - transformers without Llama
     LlamaRMSNorm = None
 
+
+def _optional(module: str, *names: str):
+    try:
+        mod = __import__(module, fromlist=list(names))
+        return tuple(getattr(mod, n) for n in names)
+    except Exception:  # pragma: no cover - a transformers without that model
+        return (None,) * len(names)
+
+
+# the other LLMs' norms (same math as LlamaRMSNorm: fp32 mean of squares, cast back, then × weight)
+(Qwen2RMSNorm,) = _optional("transformers.models.qwen2.modeling_qwen2", "Qwen2RMSNorm")
+(Phi3RMSNorm,) = _optional("transformers.models.phi3.modeling_phi3", "Phi3RMSNorm")
+# transformers' own InternVL ("-hf" checkpoints)
+(HFVisionRMSNorm, HFVisionAttention, HFVisionLayer, HFVisionEncoder, HFInternVLModel, HFProjector) = _optional(
+    "transformers.models.internvl.modeling_internvl", "InternVLVisionRMSNorm", "InternVLVisionAttention",
+    "InternVLVisionLayer", "InternVLVisionEncoder", "InternVLModel", "InternVLMultiModalProjector")
+_LLM_RMS_NORMS = tuple(c for c in (LlamaRMSNorm, Qwen2RMSNorm, Phi3RMSNorm) if c is not None)
+
 __all__ = ["patch_model", "unpatch_model", "is_patched", "patched_modules"]
 
 
 # ----------------------------------------------------------------------------------------------- the fused pieces
+def _rms_eps(norm: nn.Module):
+    """eps of an RMSNorm this module fuses (InternViT's or transformers' InternVL vision one), else None."""
+    if isinstance(norm, InternRMSNorm):
+        return norm.eps
+    if HFVisionRMSNorm is not None and isinstance(norm, HFVisionRMSNorm):
+        return norm.variance_epsilon
+    return None
+
+
 def _norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if isinstance(norm, nn.LayerNorm):
         y = ops.layer_norm(x, norm.weight, norm.bias, norm.eps)
-    elif isinstance(norm, InternRMSNorm):
-        y = ops.rms_norm(x, norm.weight, norm.eps)
+    elif _rms_eps(norm) is not None:
+        y = ops.rms_norm(x, norm.weight, _rms_eps(norm))
     else:
         y = norm(x)
     return y.to(x.dtype)
@@ -60,8 +95,8 @@ def _add_norm(out: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, norm: nn.
         return x + out * scale, None
     if isinstance(norm, nn.LayerNorm):
         x, h = ops.add_layer_norm(out, x, norm.weight, norm.bias, norm.eps, scale)
-    elif isinstance(norm, InternRMSNorm):
-        x, h = ops.add_rms_norm(out, x, norm.weight, norm.eps, scale)
+    elif _rms_eps(norm) is not None:
+        x, h = ops.add_rms_norm(out, x, norm.weight, _rms_eps(norm), scale)
     else:
         x = x + out * scale
         h = norm(x)
@@ -87,11 +122,43 @@ def _plain_linear(m) -> bool:
 
 
 def _exact_gelu(m) -> bool:
-    return type(m) is nn.GELU and m.approximate == "none"
+    if type(m) is nn.GELU:
+        return m.approximate == "none"
+    # transformers' ACT2FN["gelu"] (GELUActivation wrapping the exact erf F.gelu)
+    return type(m).__name__ == "GELUActivation" and getattr(m, "act", None) is torch.nn.functional.gelu
+
+
+def _hf_attention(attn: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """transformers' ``InternVLVisionAttention``: separate q/k/v projections, optional QK-norm over all channels."""
+    if attn.head_dim not in SUPPORTED_HEAD_DIMS:
+        return attn(h)[0]
+    B, N, C = h.shape
+    q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+    qn, kn = attn.q_norm, attn.k_norm
+    if isinstance(qn, nn.Identity) and isinstance(kn, nn.Identity):
+        shape = (B, N, attn.num_heads, attn.head_dim)
+        out = ops.attention(q.view(shape), k.view(shape), v.view(shape), attn.scale).reshape(B, N, C)
+    elif _rms_eps(qn) is not None and _rms_eps(kn) == _rms_eps(qn):
+        # the fused kernel reads q, k, v out of one [B, N, 3C] buffer (one activation copy; the weights stay apart)
+        out = ops.qk_norm_attention(torch.cat([q, k, v], dim=-1), qn.weight, kn.weight, attn.num_heads, _rms_eps(qn),
+                                    attn.scale)
+    else:
+        return attn(h)[0]
+    return attn.projection_dropout(attn.projection_layer(out))
+
+
+def _hf_projector(proj: nn.Module, tokens: torch.Tensor, ratio: float) -> torch.Tensor:
+    """pixel-shuffle (v2 order, as transformers' ``InternVLModel.pixel_shuffle``) + ``InternVLMultiModalProjector``."""
+    ln, fc1, act, fc2 = proj.layer_norm, proj.linear_1, proj.act, proj.linear_2
+    h = ops.pixel_shuffle_layer_norm(tokens, ln.weight, ln.bias, ratio, "v2", ln.eps)
+    if _plain_linear(fc1) and _exact_gelu(act) and _plain_linear(fc2):
+        return ops.projector_gemms(h, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+    return fc2(act(fc1(h)))
 
 
 def _mlp(mlp: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    if _plain_linear(mlp.fc1) and _exact_gelu(mlp.act):
+    act = getattr(mlp, "act", None) or getattr(mlp, "activation_fn", None)  # InternViT's / transformers' name
+    if _plain_linear(mlp.fc1) and _exact_gelu(act):
         return mlp.fc2(ops.linear(h, mlp.fc1.weight, mlp.fc1.bias, "gelu"))
     return mlp(h)
 
@@ -111,14 +178,33 @@ class _KernelEncoderLayer:
         return self._ik_step(hidden_states, _norm(self.norm1, hidden_states), None)[0]
 
 
+class _KernelHFVisionLayer:
+    """Mixin for transformers' ``InternVLVisionLayer`` (``layernorm_before/after``, ``lambda_1/2``)."""
+
+    def _ik_step(self, x, h, next_norm):
+        a = _hf_attention(self.attention, h)
+        x, h2 = _add_norm(a, x, self.lambda_1, self.layernorm_after)
+        m = _mlp(self.mlp, h2)
+        return _add_norm(m, x, self.lambda_2, next_norm)
+
+    def forward(self, hidden_states):
+        if self.training:  # dropout lives in the original forward
+            return super().forward(hidden_states)
+        return self._ik_step(hidden_states, _norm(self.layernorm_before, hidden_states), None)[0]
+
+
+def _first_norm(layer):
+    return layer.norm1 if hasattr(layer, "norm1") else layer.layernorm_before
+
+
 def _run_blocks(layers, h, states=None):
     layers = list(layers)
     if not layers:
         return h
-    normed = _norm(layers[0].norm1, h)
+    normed = _norm(_first_norm(layers[0]), h)
     for i, layer in enumerate(layers):
-        nxt = layers[i + 1].norm1 if i + 1 < len(layers) else None
-        if isinstance(layer, _KernelEncoderLayer):
+        nxt = _first_norm(layers[i + 1]) if i + 1 < len(layers) else None
+        if isinstance(layer, (_KernelEncoderLayer, _KernelHFVisionLayer)):
             h, normed = layer._ik_step(h, normed, nxt)
         else:  # a block someone left unpatched
             h = layer(h)
@@ -133,6 +219,60 @@ class _KernelEncoder:
 
     def forward(self, hidden_states, num_layers=None, states=None):
         return _run_blocks(self.layers[:num_layers], hidden_states, states)
+
+
+def _capturing_outputs() -> bool:
+    """True while transformers records per-layer outputs (``output_hidden_states`` / ``output_attentions``) through
+    forward hooks on the layers: the fused chain, which never calls a layer module, would skip them."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except Exception:  # pragma: no cover - older transformers: be safe, call the layers
+        return True
+    collected = _active_collector.get()
+    return bool(collected) and any(k in collected for k in ("hidden_states", "attentions"))
+
+
+class _KernelHFVisionEncoder:
+    """Mixin for transformers' ``InternVLVisionEncoder``: the fused chain unless layer outputs are being recorded
+    (then each patched layer runs on its own, so transformers' hooks see every layer)."""
+
+    def forward(self, hidden_states):
+        from transformers.modeling_outputs import BaseModelOutput
+
+        if self.training or _capturing_outputs():
+            for layer in self.layer:
+                hidden_states = layer(hidden_states)
+        else:
+            hidden_states = _run_blocks(self.layer, hidden_states)
+        return BaseModelOutput(last_hidden_state=hidden_states)
+
+
+class _KernelHFInternVLModel:
+    """Mixin for transformers' ``InternVLModel``: ``get_image_features`` with pixel-shuffle fused into the projector's
+    LayerNorm and the projector GEMMs with bias + GELU epilogues (same selection rules as the original)."""
+
+    def get_image_features(self, pixel_values, vision_feature_layer=None, vision_feature_select_strategy=None,
+                           **kwargs):
+        layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+        strategy = (self.config.vision_feature_select_strategy if vision_feature_select_strategy is None
+                    else vision_feature_select_strategy)
+        proj = self.multi_modal_projector
+        if not isinstance(layer, int) or not isinstance(proj.layer_norm, nn.LayerNorm):
+            return super().get_image_features(pixel_values, vision_feature_layer, vision_feature_select_strategy,
+                                              **kwargs)
+        kwargs.pop("return_dict", None)
+        pixel_values = pixel_values.to(dtype=self.dtype)
+        if layer == -1:
+            out = self.vision_tower(pixel_values=pixel_values, return_dict=True, **kwargs)
+            feats = out.last_hidden_state
+        else:
+            kwargs["output_hidden_states"] = True
+            out = self.vision_tower(pixel_values=pixel_values, return_dict=True, **kwargs)
+            feats = out.hidden_states[layer]
+        if strategy == "default":
+            feats = feats[:, 1:, :]
+        out.pooler_output = _hf_projector(proj, feats, self.config.downsample_ratio)
+        return out
 
 
 class _KernelChatModel:
@@ -158,6 +298,9 @@ class _KernelInternRMSNorm:
 class _KernelLlamaRMSNorm:
     def forward(self, hidden_states):
         return ops.rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+_KernelHFVisionRMSNorm = _KernelLlamaRMSNorm  # same attributes (weight, variance_epsilon), same math
 
 
 # ---------------------------------------------------------------------------------------------- class swapping
@@ -195,10 +338,15 @@ def _rules(vision: bool, projector: bool, llm_norms: bool):
     if vision:
         rules += [(InternVisionEncoder, _KernelEncoder), (InternVisionEncoderLayer, _KernelEncoderLayer),
                   (InternRMSNorm, _KernelInternRMSNorm)]
+        if HFVisionLayer is not None:
+            rules += [(HFVisionEncoder, _KernelHFVisionEncoder), (HFVisionLayer, _KernelHFVisionLayer),
+                      (HFVisionRMSNorm, _KernelHFVisionRMSNorm)]
     if projector:
         rules.append((InternVLChatModel, _KernelChatModel))
-    if llm_norms and LlamaRMSNorm is not None:
-        rules.append((LlamaRMSNorm, _KernelLlamaRMSNorm))
+        if HFInternVLModel is not None:
+            rules.append((HFInternVLModel, _KernelHFInternVLModel))
+    if llm_norms:
+        rules += [(c, _KernelLlamaRMSNorm) for c in _LLM_RMS_NORMS]
     return rules
 
 

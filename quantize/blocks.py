@@ -8,7 +8,13 @@
 * :class:`LlamaBlock` — transformers ``LlamaDecoderLayer`` (and the same module names in Mistral/Qwen2-style
   layers). Groups ``[q, k, v] → [o] → [gate, up] → [down]``. AWQ: ``input_layernorm → q/k/v`` (inspect: self_attn),
   ``v → o`` only when ``v.out_features == o.in_features`` (no GQA), ``post_attention_layernorm → gate/up``
-  (inspect: mlp), ``up → down`` (inspect: down).
+  (inspect: mlp), ``up → down`` (inspect: down). Qwen2 / Qwen2.5 layers are this block with a bias on q/k/v: scaling
+  q/k/v's input columns leaves their bias untouched (``(W·diag(s))(x/s) + b = Wx + b``), while ``v → o`` divides v's
+  rows **and its bias** by ``s`` (v's output is what o sees), which :func:`fold_scale` does for every ``rows`` fold.
+* :class:`Phi3Block` — transformers ``Phi3DecoderLayer``: packed ``self_attn.qkv_proj`` (rows q | k | v) and
+  ``mlp.gate_up_proj`` (rows gate | up). Groups ``[qkv_proj] → [o_proj] → [gate_up_proj] → [down_proj]``. AWQ:
+  ``input_layernorm → qkv_proj``, ``v-rows of qkv_proj → o_proj`` (no GQA only), ``post_attention_layernorm →
+  gate_up_proj``, ``up-rows of gate_up_proj → down_proj`` (down's input is ``up ⊙ act(gate)``, linear in up).
 """
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-__all__ = ["ScaleGroup", "VitBlock", "LlamaBlock", "fold_scale"]
+__all__ = ["ScaleGroup", "VitBlock", "LlamaBlock", "Phi3Block", "fold_scale"]
 
 
 @dataclass
@@ -119,6 +125,31 @@ class LlamaBlock(_Block):
         return groups
 
 
+class Phi3Block(_Block):
+    kind = "phi3"
+    sequential = [["self_attn.qkv_proj"], ["self_attn.o_proj"], ["mlp.gate_up_proj"], ["mlp.down_proj"]]
+    no_clip = {"self_attn.qkv_proj"}  # its q and k rows produce attention logits
+    sink_linears: set = set()  # k/v share one Linear (and one Hessian) with q: no k/v-only weighting
+
+    def scale_groups(self) -> list[ScaleGroup]:
+        m = self.module
+        attn = m.self_attn
+        qkv, o = attn.qkv_proj, attn.o_proj
+        hd = attn.head_dim
+        nh = m.self_attn.config.num_attention_heads
+        nkv = m.self_attn.config.num_key_value_heads
+        groups = [ScaleGroup("input_layernorm->qkv_proj", m.input_layernorm, "norm", ["self_attn.qkv_proj"], attn)]
+        if nkv * hd == o.in_features:  # not GQA
+            v_rows = slice((nh + nkv) * hd, (nh + 2 * nkv) * hd)
+            groups.append(ScaleGroup("v->o", qkv, "rows", ["self_attn.o_proj"], o, prev_rows=v_rows))
+        groups.append(ScaleGroup("post_attention_layernorm->gate_up_proj", m.post_attention_layernorm, "norm",
+                                 ["mlp.gate_up_proj"], m.mlp))
+        inter = m.mlp.down_proj.in_features
+        groups.append(ScaleGroup("up->down", m.mlp.gate_up_proj, "rows", ["mlp.down_proj"], m.mlp.down_proj,
+                                 prev_rows=slice(inter, 2 * inter)))
+        return groups
+
+
 def adapter_for(module: nn.Module) -> _Block:
     names = {n for n, _ in module.named_modules()}
     if {"attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "norm1", "norm2"} <= names:
@@ -126,5 +157,9 @@ def adapter_for(module: nn.Module) -> _Block:
     if {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
             "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm"} <= names:
         return LlamaBlock(module)
+    if {"self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj", "input_layernorm",
+            "post_attention_layernorm"} <= names:
+        return Phi3Block(module)
     raise ValueError(f"unsupported block type {type(module).__name__}: expected an InternViT encoder layer or a "
-                     "Llama-style decoder layer (q/k/v/o_proj, gate/up/down_proj)")
+                     "Llama-style decoder layer (q/k/v/o_proj, gate/up/down_proj) or a Phi-3 decoder layer "
+                     "(qkv_proj, o_proj, gate_up_proj, down_proj)")

@@ -154,17 +154,34 @@ def _peak_memory(device) -> dict:
     return d
 
 
-def _expand_internlm2_skips(lm: LoadedModel, st: QuantSettings) -> tuple:
-    """InternLM2 stores q/k/v as one wqkv: skipping any of them skips all three."""
-    if lm.kind != "internvl_chat" or lm.model.config.llm_architecture != "InternLM2ForCausalLM" or not st.skip:
+# Linears a consumer loads as one fused module (vLLM: QKVParallelLinear / MergedColumnParallelLinear — "some but not
+# all shards" is refused): --skip of any member keeps the whole group 16-bit. Phi-3 stores them packed already.
+_FUSED_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
+
+
+def _expand_fused_skips(lm: LoadedModel, st: QuantSettings) -> tuple:
+    """--skip patterns + every fused-group partner of a skipped LLM Linear (q/k/v, gate/up). InternLM2's packed
+    ``attention.wqkv`` / ``feed_forward.w1|w3`` (the checkpoint names) match too."""
+    if not st.skip or lm.kind not in ("internvl_chat", "llm"):
         return tuple(st.skip)
+    model = lm.model.language_model if lm.kind == "internvl_chat" else lm.model
+    prefix = "language_model.model.layers" if lm.kind == "internvl_chat" else "model.layers"
+    internlm2 = lm.kind == "internvl_chat" and lm.model.config.llm_architecture == "InternLM2ForCausalLM"
+    aliases = {"self_attn.q_proj": "attention.wqkv", "self_attn.k_proj": "attention.wqkv",
+               "self_attn.v_proj": "attention.wqkv", "mlp.gate_proj": "feed_forward.w1",
+               "mlp.up_proj": "feed_forward.w3"}
     extra = []
-    for i in range(len(lm.model.language_model.model.layers)):
-        names = [f"language_model.model.layers.{i}.self_attn.{p}_proj" for p in "qkv"]
-        wqkv = f"language_model.model.layers.{i}.attention.wqkv"
-        if any(fnmatch.fnmatchcase(n, p) for n in names + [wqkv] for p in st.skip):
-            extra += names
-    return tuple(st.skip) + tuple(extra)
+    for i, layer in enumerate(model.model.layers):
+        present = {n for n, _ in layer.named_modules()}
+        for group in _FUSED_GROUPS:
+            if not set(group) <= present:
+                continue
+            names = [f"{prefix}.{i}.{g}" for g in group]
+            if internlm2:
+                names += [f"{prefix}.{i}.{aliases[g]}" for g in group]
+            if any(fnmatch.fnmatchcase(n, p) for n in names for p in st.skip):
+                extra += [f"{prefix}.{i}.{g}" for g in group]
+    return tuple(st.skip) + tuple(e for e in extra if e not in st.skip)
 
 
 def validate(rc: RunConfig, lm: LoadedModel) -> list[str]:
@@ -192,7 +209,7 @@ def run(rc: RunConfig, lm: LoadedModel, log=print) -> dict:
     """Quantize ``lm`` per ``rc``; write the checkpoint (if ``rc.out``) and return the report dict."""
     st = rc.settings
     parts = validate(rc, lm)
-    st.skip = _expand_internlm2_skips(lm, st)
+    st.skip = _expand_fused_skips(lm, st)
     tmp = prepare_out(rc.out, rc.overwrite) if (rc.out and rc.write) else None
     t_start = time.perf_counter()
     if str(st.device).startswith("cuda"):

@@ -190,7 +190,7 @@ def test_missing_folder_and_weights(tmp_path):
     (lambda c: c["vision_config"].__setitem__("norm_type", "batch_norm"), "norm_type"),
     (lambda c: c["vision_config"].__setitem__("hidden_act", "relu"), "hidden_act"),
     (lambda c: c.__setitem__("ps_version", "v3"), "ps_version"),
-    (lambda c: c["llm_config"].__setitem__("architectures", ["Qwen2ForCausalLM"]), "Qwen2ForCausalLM"),
+    (lambda c: c["llm_config"].__setitem__("architectures", ["InternLM3ForCausalLM"]), "InternLM3ForCausalLM"),
     (lambda c: c.__setitem__("downsample_ratio", 0.4), "downsample_ratio"),
     (lambda c: c.pop("llm_config"), "llm_config"),
 ])

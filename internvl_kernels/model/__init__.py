@@ -1,4 +1,4 @@
-"""Reference PyTorch implementation of InternVL-Chat (V1.1 / V1.2 / V1.5) loading the official checkpoints.
+"""Reference PyTorch implementation of InternVL-Chat (V1.1 / V1.2 / V1.5, InternVL2 / 2.5 / 3) loading the official checkpoints.
 
 Names are imported on first use (PEP 562), so ``from internvl_kernels.model import functional`` (what the kernels
 do) loads neither transformers nor the chat model.
@@ -9,8 +9,10 @@ from ..lazy_exports import lazy_exports
 
 _EXPORTS = {
     "internvl_kernels.model.chat": ("IMG_CONTEXT_TOKEN", "IMG_END_TOKEN", "IMG_START_TOKEN", "InternVLChatModel",
-                                    "llama_config_from_llm_config", "materialize_buffers"),
-    "internvl_kernels.model.configuration": ("InternVisionConfig", "InternVLChatConfig", "UnsupportedConfigError"),
+                                    "llama_config_from_llm_config", "materialize_buffers", "build_language_model",
+                                    "llm_config_to_hf"),
+    "internvl_kernels.model.configuration": ("SUPPORTED_LLMS", "InternVisionConfig", "InternVLChatConfig",
+                                             "UnsupportedConfigError"),
     "internvl_kernels.model.functional": ("pixel_shuffle", "pixel_shuffle_grid"),
     "internvl_kernels.checkpoint": ("CheckpointError", "load_state_dict", "save_state_dict"),
     "internvl_kernels.model.vision": ("InternAttention", "InternMLP", "InternRMSNorm", "InternVisionEmbeddings",

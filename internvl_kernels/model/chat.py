@@ -1,7 +1,10 @@
-"""InternVL-Chat (V1.1 / V1.2 / V1.5): InternViT → pixel-shuffle → ``mlp1`` → LLM (transformers Llama).
+"""InternVL-Chat (V1.1 / V1.2 / V1.5, InternVL2 / 2.5 / 3): InternViT → pixel-shuffle → ``mlp1`` → LLM.
 
 Loads the official hub folders (``config.json`` with ``vision_config`` / ``llm_config`` + sharded safetensors)
-with the official key names; InternLM2 LLMs (V1.5) are converted to the Llama layout on load.
+with the official key names. The LLM is transformers' own class where it has one — ``LlamaForCausalLM``,
+``Qwen2ForCausalLM`` (qkv bias), ``Phi3ForCausalLM`` (packed ``qkv_proj`` / ``gate_up_proj``), whose key names are
+the checkpoints' own — and InternLM2 / InternLM2.5 (no transformers class) is converted to the Llama layout on load
+and back on save.
 """
 from __future__ import annotations
 
@@ -11,10 +14,10 @@ import os
 
 import torch
 import torch.nn as nn
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PretrainedConfig
 
 from . import functional as KF
-from .configuration import InternVLChatConfig, UnsupportedConfigError
+from .configuration import SUPPORTED_LLMS, InternVLChatConfig, UnsupportedConfigError, supported_llms_text
 from .conversation import get_conv_template
 from ..checkpoint.config import config_dtype, read_config, read_quant_config
 from ..checkpoint.files import CheckpointError, load_into_module, load_state_dict, save_state_dict, strip_prefix
@@ -54,12 +57,60 @@ def llama_config_from_llm_config(llm_config: dict) -> LlamaConfig:
             kwargs.pop("rope_theta", None)
             kwargs.pop("rope_scaling", None)
     else:
-        raise UnsupportedConfigError(f"unsupported LLM architecture {arch!r}")
+        raise UnsupportedConfigError(f"{arch!r} does not run as a Llama model (llm_config_to_hf handles {sorted(SUPPORTED_LLMS)})")
     return LlamaConfig(**kwargs)
 
 
+# config keys of the official llm_config that must not reach transformers' config classes (remote-code wiring, an
+# attention backend this process may not have)
+_DROP_KEYS = ("auto_map", "attn_implementation", "_attn_implementation", "_name_or_path", "transformers_version",
+              "use_flash_attn", "_flash_attn_2_enabled")
+
+
+def llm_config_to_hf(llm_config: dict) -> PretrainedConfig:
+    """The transformers config the LLM runs with: ``LlamaConfig`` (Llama, InternLM2 converted), ``Qwen2Config``,
+    ``Phi3Config``. Unknown architectures raise :class:`UnsupportedConfigError` naming the supported ones."""
+    arch = (llm_config.get("architectures") or ["LlamaForCausalLM"])[0]
+    if arch not in SUPPORTED_LLMS:
+        raise UnsupportedConfigError(f"llm_config.architectures={llm_config.get('architectures')!r}: supported LLMs "
+                                     f"are {supported_llms_text()}")
+    if arch in ("LlamaForCausalLM", "InternLM2ForCausalLM"):
+        return llama_config_from_llm_config(llm_config)
+    kwargs = {k: v for k, v in llm_config.items() if k not in _DROP_KEYS}
+    if arch == "Qwen2ForCausalLM":
+        from transformers import Qwen2Config
+
+        return Qwen2Config(**kwargs)
+    from transformers import Phi3Config
+
+    scaling = kwargs.get("rope_scaling")
+    if isinstance(scaling, dict) and scaling.get("type", scaling.get("rope_type")) in ("su", "longrope", "yarn"):
+        # Phi-3 long-context configs keep original_max_position_embeddings at the top level; transformers 5 wants it
+        # inside the rope parameters too
+        scaling = dict(scaling)
+        if "original_max_position_embeddings" in kwargs:
+            scaling.setdefault("original_max_position_embeddings", kwargs["original_max_position_embeddings"])
+        kwargs["rope_scaling"] = scaling
+    return Phi3Config(**kwargs)
+
+
+def build_language_model(llm_config: dict) -> PreTrainedModel:
+    """A fresh transformers causal LM for ``llm_config`` (its class as :func:`llm_config_to_hf` decides)."""
+    cfg = llm_config_to_hf(llm_config)
+    arch = (llm_config.get("architectures") or ["LlamaForCausalLM"])[0]
+    if arch == "Qwen2ForCausalLM":
+        from transformers import Qwen2ForCausalLM
+
+        return Qwen2ForCausalLM(cfg)
+    if arch == "Phi3ForCausalLM":
+        from transformers import Phi3ForCausalLM
+
+        return Phi3ForCausalLM(cfg)
+    return LlamaForCausalLM(cfg)
+
+
 class InternVLChatModel(nn.Module):
-    def __init__(self, config: InternVLChatConfig, language_model: LlamaForCausalLM | None = None):
+    def __init__(self, config: InternVLChatConfig, language_model: PreTrainedModel | None = None):
         super().__init__()
         self.config = config
         self.select_layer = config.select_layer
@@ -69,7 +120,7 @@ class InternVLChatModel(nn.Module):
         self.num_image_token = config.num_image_token
         self.vision_model = InternVisionModel(config.vision_config)
         if language_model is None:
-            language_model = LlamaForCausalLM(llama_config_from_llm_config(config.llm_config))
+            language_model = build_language_model(config.llm_config)
         self.language_model = language_model
         vit_hidden = config.vision_config.hidden_size
         llm_hidden = self.language_model.config.hidden_size
@@ -112,6 +163,16 @@ class InternVLChatModel(nn.Module):
         vit_embeds = self.vision_model.forward_features(pixel_values.to(self.dtype), self.select_layer)
         vit_embeds = vit_embeds[:, 1:, :]
         return self.pixel_shuffle_and_project(vit_embeds)
+
+    def load_image(self, image) -> torch.Tensor:
+        """A path / PIL image / HWC array → ``pixel_values`` as this checkpoint was trained: dynamic tiling with
+        ``min_dynamic_patch``..``max_dynamic_patch`` tiles and a thumbnail when ``dynamic_image_size`` /
+        ``use_thumbnail`` say so, else one tile (``force_image_size`` or the ViT's image size)."""
+        from .preprocess import load_image
+
+        c = self.config
+        return load_image(image, input_size=c.image_size, max_num=c.max_dynamic_patch, min_num=c.min_dynamic_patch,
+                          use_thumbnail=c.use_thumbnail, dynamic=c.dynamic_image_size)
 
     # -- LLM path -------------------------------------------------------------------------------------------------
     def _embed_with_images(self, input_ids, pixel_values=None, visual_features=None, image_flags=None):

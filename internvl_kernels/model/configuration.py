@@ -14,6 +14,20 @@ from ..checkpoint.config import UnsupportedConfigError, read_config
 __all__ = ["InternVisionConfig", "InternVLChatConfig", "UnsupportedConfigError"]
 
 
+# ``llm_config.architectures[0]`` → the InternVL releases that ship it. Qwen2 / Phi-3 / Llama run as transformers' own
+# classes; InternLM2 (no transformers class) is converted to the Llama layout on load.
+SUPPORTED_LLMS = {
+    "LlamaForCausalLM": "V1.1, V1.2, InternVL2-Llama3-76B / 40B (Llama layout)",
+    "InternLM2ForCausalLM": "V1.5, InternVL2 2B/8B/26B, InternVL2.5 4B..26B (InternLM2 / 2.5)",
+    "Qwen2ForCausalLM": "InternVL2-1B, InternVL2.5 1B/8B/38B/78B, InternVL3 (Qwen2 / 2.5)",
+    "Phi3ForCausalLM": "InternVL2-4B (Phi-3)",
+}
+
+
+def supported_llms_text() -> str:
+    return "; ".join(f"{k} ({v})" for k, v in SUPPORTED_LLMS.items())
+
+
 @dataclass
 class InternVisionConfig:
     num_channels: int = 3
@@ -54,6 +68,9 @@ class InternVisionConfig:
             )
         if self.num_channels <= 0 or self.num_hidden_layers <= 0:
             raise UnsupportedConfigError("vision_config: num_channels and num_hidden_layers must be positive")
+        # InternVL3's vision configs carry the fields of an MoE variant of the tower, switched off in every release
+        if self.extra.get("use_moe"):
+            raise UnsupportedConfigError("vision_config.use_moe=true: the mixture-of-experts InternViT is not supported")
 
     @property
     def head_dim(self) -> int:
@@ -110,11 +127,14 @@ class InternVLChatConfig:
         if not (-n - 1 <= self.select_layer <= n):
             raise UnsupportedConfigError(f"select_layer={self.select_layer} out of range for {n} layers")
         arch = self.llm_architecture
-        if arch not in ("LlamaForCausalLM", "InternLM2ForCausalLM"):
+        if arch not in SUPPORTED_LLMS:
             raise UnsupportedConfigError(
                 f"llm_config.architectures={self.llm_config.get('architectures')!r}: supported LLMs are "
-                "LlamaForCausalLM (V1.1, V1.2) and InternLM2ForCausalLM (V1.5)"
+                + supported_llms_text()
             )
+        if self.dynamic_image_size and not 1 <= self.min_dynamic_patch <= self.max_dynamic_patch:
+            raise UnsupportedConfigError(f"min_dynamic_patch={self.min_dynamic_patch} / max_dynamic_patch="
+                                         f"{self.max_dynamic_patch}: need 1 <= min <= max")
         grid = self.image_size // self.vision_config.patch_size
         if grid % round(r):
             raise UnsupportedConfigError(f"patch grid {grid}x{grid} is not divisible by 1/downsample_ratio={round(r)}")

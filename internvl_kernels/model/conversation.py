@@ -1,9 +1,16 @@
-"""Prompt templates used by InternVL-Chat ``chat()`` (the ``template`` field of config.json)."""
+"""Prompt templates used by InternVL-Chat ``chat()`` (the ``template`` field of config.json).
+
+Semantics of the official InternVL ``conversation.py``: the "mpt" style is ``system + sep`` then, per turn,
+``role + message + sep`` (an open assistant turn is the bare role). ``Hermes-2`` / ``internlm2-chat`` (InternVL2 on
+Hermes / InternLM2) and ``phi3-chat`` (InternVL2-4B) close turns with ``<|im_end|>`` / ``<|end|>`` and no newline;
+``internvl2_5`` (InternVL2.5 and InternVL3, every LLM) closes them with ``"<|im_end|>\n"``.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
 _INTERNVL_SYSTEM = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
+_INTERNVL25_SYSTEM = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
 _VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
@@ -44,7 +51,8 @@ class Conversation:
 
     @property
     def stop_strings(self) -> list[str]:
-        return [s for s in (self.sep, self.sep2) if s and s.strip()]
+        # the official chat() stops on ``sep.strip()`` (``"<|im_end|>\n"`` → ``"<|im_end|>"``)
+        return [s.strip() for s in (self.sep, self.sep2) if s and s.strip()]
 
 
 _TEMPLATES = {
@@ -56,6 +64,12 @@ _TEMPLATES = {
                      ("<|im_start|>user\n", "<|im_start|>assistant\n"), "mpt", "<|im_end|>"),
         Conversation("phi3-chat", "<|system|>\n{system_message}", _INTERNVL_SYSTEM,
                      ("<|user|>\n", "<|assistant|>\n"), "mpt", "<|end|>"),
+        # InternVL2.5 / InternVL3 (every LLM): ChatML turns, each closed by "<|im_end|>\n"
+        Conversation("internvl2_5", "<|im_start|>system\n{system_message}", _INTERNVL25_SYSTEM,
+                     ("<|im_start|>user\n", "<|im_start|>assistant\n"), "mpt", "<|im_end|>\n"),
+        # the generic ChatML template (Qwen-style, default system prompt)
+        Conversation("chatml", "<|im_start|>system\n{system_message}", "You are a helpful assistant.",
+                     ("<|im_start|>user\n", "<|im_start|>assistant\n"), "mpt", "<|im_end|>\n"),
         Conversation("vicuna_v1.1", "{system_message}", _VICUNA_SYSTEM, ("USER", "ASSISTANT"), "colon_two", " ", "</s>"),
     ]
 }
