@@ -263,6 +263,9 @@ def test_pip_wheel_without_cuda_does_not_build(tmp_path):
     assert proc.returncode == 0, log[-5000:]
     wheels = list(out.glob("internvl_kernels-*.whl"))
     assert len(wheels) == 1, log[-3000:]
+    # what pip shows even without -v: a pure-Python wheel name (a CUDA build is tagged cp3xx-cp3xx-linux_x86_64)
+    assert wheels[0].name.endswith("-py3-none-any.whl"), wheels[0].name
+    assert f"filename={wheels[0].name}" in log
     names = zipfile.ZipFile(wheels[0]).namelist()
     assert not [n for n in names if n.endswith((".so", ".pyd")) or "/_C" in n], names
     assert "internvl_kernels/ops/_cuda.py" in names
