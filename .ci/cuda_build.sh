@@ -65,7 +65,9 @@ grep -E "^\s*\[[0-9]+/[0-9]+\]" "$VENV/cuda_build.log" | grep -o -- "-std=c++[0-
 
 step "the installed package (outside the source tree): python -m internvl_kernels --require-cuda-ext + direct check"
 site=$(cd / && python -c "import internvl_kernels, os; print(os.path.dirname(internvl_kernels.__file__))")
-case "$site" in "$ROOT"/*) echo "cuda_build: FAIL: imported the source tree ($site), not the install" >&2; exit 1;; esac
+if [ "$site" = "$ROOT/internvl_kernels" ]; then
+  echo "cuda_build: FAIL: imported the source tree ($site), not the install" >&2; exit 1
+fi
 if [ -f "$site/__main__.py" ]; then
   (cd / && python -m internvl_kernels --require-cuda-ext)
 else

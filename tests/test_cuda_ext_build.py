@@ -35,9 +35,17 @@ def test_build_info_matches_the_running_torch(ext):
     assert info.get("cuda", "").split(".")[:2] == torch.version.cuda.split(".")[:2], (info, torch.version.cuda)
 
 
-def test_loader_registers_every_op(ext):
+def test_loader_registers_every_op(ext, monkeypatch):
     if os.environ.get("INTERNVL_KERNELS_NO_CUDA", "0").strip() not in ("", "0"):
         pytest.fail("INTERNVL_KERNELS_NO_CUDA is set: the built extension is not loaded")
+    loaded, why = _cuda._load()
+    assert why is None and loaded is ext, why
+    # load + register again, as at import (other tests may have left the loader's globals in a fake state)
+    for name in ("_ext", "_error", "_registered"):
+        monkeypatch.setattr(_cuda, name, getattr(_cuda, name))
+    for op in _cuda.OPS:
+        monkeypatch.setitem(_backend._IMPLS, op, dict(_backend._IMPLS[op]))
+    _cuda._init()
     assert _cuda.available(), _cuda.status()
     assert len(_cuda.OPS) == 10 and set(_cuda._registered) == set(_cuda.OPS), _cuda._registered
     ns = torch.ops.internvl_kernels_cuda

@@ -62,7 +62,10 @@ def tk(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _hermetic_toolkit(request, monkeypatch):
-    """Decision tests see only the fake toolkits, never this machine's /usr/local/cuda."""
+    """Decision tests see only the fake toolkits, never this machine's /usr/local/cuda, and no build-time switch
+    from the environment (CI runs these tests with INTERNVL_KERNELS_REQUIRE_CUDA_EXT=1 for the test-time meaning)."""
+    for var in ("INTERNVL_KERNELS_REQUIRE_CUDA_EXT", "INTERNVL_KERNELS_NO_CUDA", "CUDA_HOME", "CUDA_PATH"):
+        monkeypatch.delenv(var, raising=False)
     if "S" in request.fixturenames:
         request.getfixturevalue("tk")
         monkeypatch.setattr(request.getfixturevalue("S"), "DEFAULT_CUDA_HOMES", ())
@@ -253,7 +256,8 @@ def test_pip_wheel_without_cuda_does_not_build(tmp_path):
     """`pip install .` on a machine without CUDA: a pure-Python wheel, one line saying why, no compiler run."""
     src = _copy_project(tmp_path)
     out = tmp_path / "wheels"
-    env = {k: v for k, v in os.environ.items() if k != "INTERNVL_KERNELS_NO_CUDA"}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("INTERNVL_KERNELS_NO_CUDA", "INTERNVL_KERNELS_REQUIRE_CUDA_EXT")}
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(out),
          str(src)],
