@@ -1,7 +1,7 @@
 """Build script: pure Python + Triton everywhere; the CUDA extension in csrc/ only where torch has CUDA.
 
-Decision logic lives in :func:`cuda_build_plan` / :func:`cuda_arch_list` so tests can exercise every branch without
-a GPU (tests/test_setup_logic.py). Environment:
+Decision logic lives in :func:`cuda_build_config` / :func:`find_cuda_home` / :func:`cuda_arch_list` so tests can
+exercise every branch without a GPU (tests/test_setup_logic.py). Environment:
   INTERNVL_KERNELS_NO_CUDA=1   never build the extension
   TORCH_CUDA_ARCH_LIST         e.g. "8.0;9.0" -- archs below 8.0 are dropped (the kernels use sm_80 instructions:
                                cp.async, bf16 mma.sync). Unset: the visible GPUs' archs, else "8.0;8.6;8.9;9.0+PTX".
@@ -16,7 +16,8 @@ The C++ standard is torch's choice (torch >= 2.14 headers need C++20; torch adds
 passes none), so no -std flag is given for host or nvcc files.
 The CUDA build needs the torch that will run it at build time, i.e. `pip install --no-build-isolation .`: an
 isolated build environment has no torch (it is deliberately not in [build-system].requires), so plain
-`pip install .` installs the pure-Python package and says so once.
+`pip install .` installs the pure-Python package and says so in one line -- which pip shows only with -v; without
+-v the sign is the wheel pip names, internvl_kernels-*-py3-none-any.whl instead of a cp3xx-...-linux_x86_64 one.
 """
 from __future__ import annotations
 
