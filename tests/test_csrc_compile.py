@@ -5,7 +5,8 @@
   (skipped with a reason when nvcc is absent);
 * the kernel translation units stay plain CUDA (no torch / ATen / c10 headers) -- only csrc/bindings.cpp sees torch;
 * csrc/bindings.cpp passes ``-fsyntax-only`` against the installed (CPU) torch's headers plus the CUDA headers
-  (the CPU wheel lacks one generated header, c10/cuda/impl/cuda_cmake_macros.h, which the test supplies);
+  (the CPU wheel lacks one generated header, c10/cuda/impl/cuda_cmake_macros.h, which the test supplies), with the
+  C++ standard torch's build adds (setup.py passes none; torch >= 2.14 headers need C++20);
 * csrc/test/host_layout_test.cpp (plain C++, no nvcc needed) emulates ldmatrix / mma.sync from the PTX ISA and drives
   them with the kernels' own index maps (csrc/ik_layout.h): attention's Q K^T / P V / epilogue and quant_matmul's
   permuted-k fragments must give exact products, shared-memory writes must cover each slot once and ldmatrix phases
@@ -17,6 +18,7 @@ The nvcc compiles run in parallel (one job per file, both archs in it): ~70 s of
 from __future__ import annotations
 
 import concurrent.futures
+import inspect
 import os
 import re
 import shutil
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.utils.cpp_extension as torch_ce
 
 from internvl_kernels.model import functional as F_ref
 
@@ -35,11 +38,19 @@ ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 CU_FILES = sorted(p.name for p in CSRC.glob("*.cu"))
 ARCHS = {"sm_80": "arch=compute_80,code=sm_80", "sm_90a": "arch=compute_90a,code=sm_90a"}
+
+
+def torch_cxx_std() -> str:
+    """The ``-std=`` flag torch's BuildExtension adds when an extension passes none (setup.py passes none): the
+    newest ``c++NN`` standard its cpp_extension module names (c++20 for torch 2.13 and 2.14)."""
+    found = [int(n) for n in re.findall(r"c\+\+(\d\d)\b", inspect.getsource(torch_ce))]
+    newest = max((n for n in found if n < 90), default=17)  # two-digit standards: 11 < 14 < 17 < 20 < 23
+    return f"-std=c++{newest}"
+
+
+CXX_STD = torch_cxx_std()
 # what torch.utils.cpp_extension adds to every nvcc command line
-TORCH_NVCC_FLAGS = [
-    "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
-    "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC",
-]
+TORCH_NVCC_FLAGS = [*torch_ce.COMMON_NVCC_FLAGS, "-Xcompiler", "-fPIC"]
 # ptxas must report no register spills (local memory) for any kernel; the table is printed by test_ptxas_report
 MAX_SPILL_BYTES = 0
 
@@ -82,7 +93,7 @@ needs_cxx = pytest.mark.skipif(CXX is None, reason="no C++ compiler (g++/c++/cla
 
 # ------------------------------------------------------------------------------------------------------ nvcc
 def _compile(cu: str, out_dir: Path):
-    cmd = [NVCC, "-c", "-std=c++17", "-O3", "-lineinfo", *TORCH_NVCC_FLAGS, "-Xptxas", "-v"]
+    cmd = [NVCC, "-c", CXX_STD, "-O3", "-lineinfo", *TORCH_NVCC_FLAGS, "-Xptxas", "-v"]
     for arch in ARCHS.values():
         cmd += [f"-gencode={arch}"]
     cmd += [str(CSRC / cu), "-o", str(out_dir / (cu + ".o"))]
@@ -127,6 +138,12 @@ def parse_ptxas(log: str):
             rows.append((cur[0], cur[1], int(m.group(1)), spill[0], spill[1], int(smem.group(1)) if smem else 0))
             cur, spill = None, (0, 0)
     return rows
+
+
+def test_cxx_std_is_torchs():
+    assert CXX_STD in ("-std=c++17", "-std=c++20", "-std=c++23")
+    if tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 14):
+        assert CXX_STD != "-std=c++17", "torch >= 2.14 headers need C++20"
 
 
 def test_csrc_has_kernels():
@@ -191,7 +208,7 @@ def test_bindings_syntax(tmp_path):
     py_inc = sysconfig.get_paths()["include"]
     if not os.path.exists(os.path.join(py_inc, "Python.h")):
         pytest.skip(f"Python.h not found in {py_inc}")
-    cmd = [CXX, "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-DTORCH_EXTENSION_NAME=_C",
+    cmd = [CXX, CXX_STD, "-fsyntax-only", "-Wall", "-Wextra", "-DTORCH_EXTENSION_NAME=_C",
            "-DTORCH_API_INCLUDE_EXTENSION_H", f"-I{CSRC}"]
     for inc in [*include_paths(), str(tmp_path / "shim"), py_inc, cuda_inc]:
         cmd.append(f"-isystem{inc}")
