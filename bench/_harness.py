@@ -174,10 +174,10 @@ def measure(fn: Callable, device, *, flush_l2: bool = False, quick: bool = False
         import torch
 
         sync = lambda: torch.cuda.synchronize(device)  # noqa: E731
-        fn()
-        sync()
-        host_s = host_loop(fn, n=3 if quick else 20, synchronize=sync)
-        wall = summarize(time_host(fn, reps=2 if quick else 5, warmup=0, synchronize=sync))["median_s"]
+        first = time_host(fn, reps=1, warmup=1, synchronize=sync)[0]
+        n_host = max(1, min(3 if quick else 20, int(0.05 / max(first, 1e-9))))  # ≤ ~50 ms of host timing
+        host_s = host_loop(fn, n=n_host, synchronize=sync)
+        wall = summarize(time_host(fn, reps=min(n_host, 5), warmup=0, synchronize=sync))["median_s"]
         flush = L2Flusher(device) if flush_l2 else None
         with torch.cuda.device(device):
             times = time_events(fn, event=lambda: torch.cuda.Event(enable_timing=True), synchronize=sync,

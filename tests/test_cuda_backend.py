@@ -156,6 +156,21 @@ def test_pixel_shuffle_layer_norm(backend, B, N, C, version, dtype):
     assert_close(out, F.pixel_shuffle_layer_norm(x, w, b, 0.5, version, 1e-5), **NORM_TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", HALF, ids=IDS.get)
+@pytest.mark.parametrize("version", ["v1", "v2"])
+@pytest.mark.parametrize("B,N,C", [(13, 1024, 3200), (2, 16, 8)])
+def test_pixel_shuffle_strided_cls_view(backend, B, N, C, version, dtype):
+    """The model's input: ``vit_embeds[:, 1:, :]`` (cls dropped), a strided view read in place."""
+    full = rnd(B, N + 1, C, dtype=dtype, scale=2.0)
+    x = full[:, 1:, :]
+    assert not x.is_contiguous()
+    w, b = rnd(4 * C, dtype=dtype), rnd(4 * C, dtype=dtype)
+    out = run(backend, "pixel_shuffle_layer_norm", ops.pixel_shuffle_layer_norm, x, w, b, 0.5, version, 1e-5)
+    assert_close(out, F.pixel_shuffle_layer_norm(x, w, b, 0.5, version, 1e-5), **NORM_TOL[dtype])
+    out = run(backend, "pixel_shuffle", ops.pixel_shuffle, x, 0.5, version)
+    assert torch.equal(out, F.pixel_shuffle(x, 0.5, version))
+
+
 # ------------------------------------------------------------------------------------------------- projector
 @pytest.mark.parametrize("dtype", ALL, ids=IDS.get)
 @pytest.mark.parametrize("T,C4,H", [(256, 12800, 5120), (3, 4096, 896), (17, 1000, 512)])
@@ -302,14 +317,18 @@ def test_quant_matmul_group_sizes_and_k_tails(backend, K, gs, bits, dtype):
     check_against_reference(y, x, q, bits, gs, "gptq_v2", what=f"{backend} K={K} gs={gs}")
 
 
-@pytest.mark.parametrize("KN", [(5120, 13824), (13824, 5120), (12800, 3200)], ids=str)
-@pytest.mark.parametrize("M", [1, 16])
+@pytest.mark.parametrize("KN", [(5120, 13824), (13824, 5120), (6144, 6144), (12800, 3200)], ids=str)
+@pytest.mark.parametrize("M", [1, 16, 128])
 def test_quant_matmul_llm_shapes(backend, KN, M):
+    """W4 GEMM at the LLM widths (LLaMA2-13B MLP, InternLM2-20B hidden) and InternViT-6B fc2, decode to prefill M."""
     from test_quant_matmul import check_against_reference
+
+    from internvl_kernels.ops._cuda import QUANT_MATMUL_MAX_M
 
     K, N = KN
     q, x, _ = _qmm_case(K, N, 4, "gptq", False, torch.bfloat16, M, bias=False)
-    y = run(backend, "quant_matmul", ops.quant_matmul, x, q["qweight"], q["scales"], q["qzeros"], None, 4, 128, "gptq")
+    y = run(backend, "quant_matmul", ops.quant_matmul, x, q["qweight"], q["scales"], q["qzeros"], None, 4, 128, "gptq",
+            expect=None if M <= QUANT_MATMUL_MAX_M else "triton")
     check_against_reference(y, x, q, 4, 128, "gptq", what=f"{backend} {KN} M={M}")
 
 
