@@ -68,10 +68,11 @@ def test_parity_selection_collects():
     for want in ("test_attention_internvit_6b_full", "test_quant_matmul_llm_shapes", "test_pixel_shuffle_layer_norm",
                  "test_pixel_shuffle_strided_cls_view", "test_mlp_projector", "test_rms_norm", "test_qk_norm_attention"):
         assert want in names, f"the parity selection lost {want}"
-    for kn in ("5120, 13824", "13824, 5120", "6144, 6144"):
-        for m in ("-1]", "-16]", "-128]"):
-            assert any(f"({kn})" in n and n.endswith(m) and "triton" in n for n in got), f"W4 GEMM {kn} M{m} missing"
-            assert any(f"({kn})" in n and n.endswith(m) and "cuda" in n for n in got), f"W4 GEMM {kn} M{m} missing"
+    for kn in ("5120, 13824", "13824, 5120", "6144, 6144"):  # W4 GEMM, both backends, M = 1, 16, 128
+        for m in (1, 16, 128):
+            for be in ("triton", "cuda"):
+                node = f"{_var('PARITY_FILE')}::test_quant_matmul_llm_shapes[{be}-{m}-({kn})]"
+                assert node in got, f"{node} is not selected"
 
 
 def test_parity_gpu_nodes_collect():
