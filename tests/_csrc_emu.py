@@ -132,7 +132,8 @@ def case_shuffle(dtype, B, N, C, r, version, ln, view="contiguous"):
         x = (torch.randn(B, N, C + 8, generator=g) * 2).to(dtype)[:, :, :C]
     else:
         x = (torch.randn(B, N, C, generator=g) * 2).to(dtype)
-    assert x.stride(2) == 1 and (view == "contiguous") == x.is_contiguous()
+    assert x.stride(2) == 1 and (view != "padded" or not x.is_contiguous())
+    assert view != "cls" or x.storage_offset() == C  # the tokens start one (cls) token into the buffer
     side = math.isqrt(N)
     cout = C * r * r
     out = poisoned(B, N // (r * r), cout, dtype=dtype)
