@@ -106,8 +106,8 @@ def cases(full: bool = False, pickable: bool = False):
     if pickable:
         for dt in (tl.bfloat16, tl.float32):
             bm = A._block_m(torch_dt[dt])
-            for D, qkn in ((64, 0), (128, 0), (128, 1)):
-                for c in A._prune(A._gpu_configs(), {}, IEEE=dt == tl.float32, D=D):
+            for D, qkn in ((64, 0), (128, 0), (128, 1)) + (((128, 2),) if dt == tl.bfloat16 else ()):
+                for c in A._prune(A._gpu_configs(), {}, IEEE=dt == tl.float32, D=D, QK_NORM=qkn):
                     yield attention_case(dt, D, qkn, bm, c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
             seen = set()
             for M in (13 * 256, 16):  # large M and the small-M pruning
@@ -137,7 +137,7 @@ def cases(full: bool = False, pickable: bool = False):
         bm = A._block_m(torch_dt[dt])
         for D in (64, 128):
             for qkn in (0, 1, 2):
-                cfgs = A._prune(A._gpu_configs(), {}, IEEE=ieee, D=D)
+                cfgs = A._prune(A._gpu_configs(), {}, IEEE=ieee, D=D, QK_NORM=qkn)
                 if not full:
                     if dt == tl.float16 or (ieee and (D == 64 or qkn)) or (D == 64 and qkn == 2):
                         continue

@@ -221,13 +221,15 @@ def _prune(configs, named_args, **kwargs):
     * fp32 (IEEE dots, ``BLOCK_M`` = 32): 8 warps and 64-wide key blocks (4 warps or 128-wide blocks spill; the
       former 64-row tile spilled 23-58 KB in every configuration);
     * 16-bit (``BLOCK_M`` = 128): 8 warps (4 warps spill 16-320 B even at D = 64); at D = 128 only 128-wide key
-      blocks with 3 stages (64-wide blocks spill 32-188 B, 2 stages 16 B with the QK-norm).
+      blocks with 3 stages (64-wide blocks spill 32-188 B, 2 stages 16 B with the QK-norm), except the exact QK-norm
+      mode (``QK_NORM`` = 2, which normalizes every k tile): 64-wide blocks, 3 stages (128-wide ones spill 240 B).
     """
     D = kwargs.get("D", 0)
     if kwargs.get("IEEE"):
         kept = [c for c in configs if c.num_warps == 8 and c.kwargs["BLOCK_N"] == 64]
     elif D >= 128:
-        kept = [c for c in configs if c.num_warps == 8 and c.kwargs["BLOCK_N"] == 128 and c.num_stages == 3]
+        bn = 64 if kwargs.get("QK_NORM") == 2 else 128
+        kept = [c for c in configs if c.num_warps == 8 and c.kwargs["BLOCK_N"] == bn and c.num_stages == 3]
     else:
         kept = [c for c in configs if c.num_warps == 8]
     return kept or configs[:1]
