@@ -6,9 +6,18 @@ Fixtures:
   ``INTERNVL_BENCH_FULL=1``.
 * ``ceilings``      — measured once per session on the same device: device-to-device copy bandwidth (GB/s, counting
   read + write) and a large matmul's throughput (TFLOP/s; bf16 on GPU, fp32 on CPU). Every row reports its fraction.
-* ``bench_run(fn, *args, flops=None, bytes_moved=None, shapes=None, dtype=None, impl=None, **kwargs)`` — times ``fn``
-  with pytest-benchmark (CUDA synchronized inside the timed call) and records in ``extra_info``: shapes, dtype, impl,
-  device name, torch / triton / CUDA versions, achieved GB/s and/or TFLOP/s and the fraction of the ceiling.
+* ``bench_run(fn, *args, flops=None, bytes_moved=None, shapes=None, dtype=None, impl=None, rounds=None,
+  flush_l2=None, baseline=None, match=None, target_speedup=None, **kwargs)`` — times ``fn(*args, **kwargs)`` with
+  :func:`_harness.measure`: on CUDA with CUDA events over many back-to-back calls (``triton.testing.do_bench``
+  style; ``flush_l2`` — default: memory-bound rows, i.e. ``bytes_moved`` without ``flops`` — overwrites the L2
+  before each call), plus the Python call overhead timed separately on the host; on CPU the wall clock. The per-call
+  times become pytest-benchmark's rounds. ``extra_info`` gets shapes, dtype, impl, device, versions, median /
+  percentiles, overhead, GB/s and/or TFLOP/s and the fraction of the ceilings. ``baseline`` (default: impl starts
+  with eager / sdpa / torch. / cublas) marks the rows the others are compared with; ``match`` names the shape keys
+  a baseline must share (default: all); ``target_speedup`` records the row's target over the best baseline.
+
+After the run: a roofline table with the speedup of every row over the fastest matching baseline, and the results
+files ``bench/results/<gpu>-<date>.json`` + ``.md`` (on a GPU; elsewhere when ``INTERNVL_BENCH_RESULTS=<dir>``).
 
 ``INTERNVL_BENCH_QUICK=1`` (CI) runs each row for a couple of rounds only, so bench/ can't rot.
 """
@@ -16,14 +25,19 @@ from __future__ import annotations
 
 import os
 import platform
-import time
 
 import pytest
 import torch
+from _harness import build_results, derived_rates, is_baseline, measure, write_results
 
 HAS_CUDA = torch.cuda.is_available()  # TRITON_INTERPRET / GPU-only skips: see the root conftest.py
 
 QUICK = os.environ.get("INTERNVL_BENCH_QUICK", "0") not in ("", "0")
+# results files: bench/results/ on a GPU; elsewhere only when INTERNVL_BENCH_RESULTS names a folder
+RESULTS_DIR = os.environ.get("INTERNVL_BENCH_RESULTS") or (
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "results") if HAS_CUDA else None)
+
+_SESSION: dict = {"rows": [], "ceilings": None}
 
 
 def _sync(device):
@@ -48,20 +62,6 @@ def _versions() -> dict:
     return info
 
 
-def _median_time(fn, device, warmup=3, iters=10) -> float:
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
-
-
 @pytest.fixture(scope="session")
 def bench_device():
     return torch.device("cuda" if HAS_CUDA else "cpu")
@@ -74,7 +74,7 @@ def full_shapes(bench_device):
 
 @pytest.fixture(scope="session")
 def ceilings(bench_device):
-    """Copy bandwidth and matmul throughput measured on this device in this run."""
+    """Copy bandwidth and matmul throughput measured on this device in this run (timed like every row)."""
     dev = bench_device
     if dev.type == "cuda":
         nbytes, n, mm_dtype = 1 << 30, 8192, torch.bfloat16
@@ -82,10 +82,10 @@ def ceilings(bench_device):
         nbytes, n, mm_dtype = 1 << 26, 2048, torch.float32
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=dev).uniform_()
     dst = torch.empty_like(src)
-    t_copy = _median_time(lambda: dst.copy_(src), dev, iters=3 if QUICK else 10)
+    t_copy = measure(lambda: dst.copy_(src), dev, quick=QUICK)["median_s"]
     a = torch.randn(n, n, device=dev, dtype=mm_dtype)
     b = torch.randn(n, n, device=dev, dtype=mm_dtype)
-    t_mm = _median_time(lambda: a @ b, dev, iters=3 if QUICK else 10)
+    t_mm = measure(lambda: a @ b, dev, quick=QUICK)["median_s"]
     out = {
         "copy_gbps": 2 * nbytes / t_copy / 1e9,
         "matmul_tflops": 2 * n**3 / t_mm / 1e12,
@@ -94,26 +94,43 @@ def ceilings(bench_device):
         "matmul_n": n,
     }
     del src, dst, a, b
+    _SESSION["ceilings"] = out
     return out
+
+
+def _feed_pytest_benchmark(benchmark, times_s, result):
+    """Give pytest-benchmark the harness's per-call times as its rounds (its table and ``benchmark.stats`` then show
+    the CUDA-event kernel times on a GPU): its runner reads a clock that advances by one measured time per round."""
+    clock = [0.0]
+    it = iter(times_s)
+
+    def harness_clock():
+        return clock[0]
+
+    def one_round():
+        clock[0] += next(it)
+        return result
+
+    if not hasattr(benchmark, "_timer"):  # pragma: no cover - a pytest-benchmark without the attribute
+        raise RuntimeError("bench/conftest.py: this pytest-benchmark version has no BenchmarkFixture._timer")
+    benchmark._timer = harness_clock
+    return benchmark.pedantic(one_round, rounds=len(times_s), iterations=1, warmup_rounds=0)
 
 
 @pytest.fixture
 def bench_run(benchmark, bench_device, ceilings):
     dev = bench_device
 
-    def run(fn, *args, flops=None, bytes_moved=None, shapes=None, dtype=None, impl=None, rounds=None, **kwargs):
-        def timed():
-            out = fn(*args, **kwargs)
-            _sync(dev)
-            return out
+    def run(fn, *args, flops=None, bytes_moved=None, shapes=None, dtype=None, impl=None, rounds=None,
+            flush_l2=None, baseline=None, match=None, target_speedup=None, **kwargs):
+        def call():
+            return fn(*args, **kwargs)
 
-        timed()  # warm-up / compile outside the measurement
-        if QUICK:
-            n_rounds, warmup = 2, 0
-        else:
-            n_rounds, warmup = (rounds or (20 if dev.type == "cuda" else 5)), 1
-        result = benchmark.pedantic(timed, rounds=n_rounds, iterations=1, warmup_rounds=warmup)
-        median = benchmark.stats.stats.median
+        result = call()  # warm-up / compile / autotune outside the measurement
+        _sync(dev)
+        flush = (bytes_moved is not None and flops is None) if flush_l2 is None else bool(flush_l2)
+        m = measure(call, dev, flush_l2=flush, quick=QUICK, reps=rounds)
+        _feed_pytest_benchmark(benchmark, m["times_s"], result)
         info = benchmark.extra_info
         info.update(_versions())
         info["device"] = _device_name(dev)
@@ -122,17 +139,41 @@ def bench_run(benchmark, bench_device, ceilings):
         info["shapes"] = shapes
         info["ceiling_copy_gbps"] = round(ceilings["copy_gbps"], 2)
         info["ceiling_matmul_tflops"] = round(ceilings["matmul_tflops"], 3)
-        if bytes_moved is not None:
-            gbps = bytes_moved / median / 1e9
-            info["gbps"] = round(gbps, 2)
-            info["frac_copy_bw"] = round(gbps / ceilings["copy_gbps"], 3)
-        if flops is not None:
-            tflops = flops / median / 1e12
-            info["tflops"] = round(tflops, 4)
-            info["frac_matmul_peak"] = round(tflops / ceilings["matmul_tflops"], 3)
+        for k in ("median_s", "min_s", "p20_s", "p80_s", "n", "method", "l2_flushed", "host_call_s", "wall_call_s"):
+            info[k] = m[k]
+        row = {"impl": impl, "dtype": info["dtype"], "shapes": shapes, "flops": flops, "bytes_moved": bytes_moved,
+               "baseline": is_baseline(impl) if baseline is None else bool(baseline),
+               "match": list(match) if match else None, "target_speedup": target_speedup, **m}
+        rate = derived_rates(row, ceilings)
+        info.update(rate)
+        if target_speedup is not None:
+            info["target_speedup"] = target_speedup
+        _SESSION["rows"].append((benchmark, row))
         return result
 
     return run
+
+
+def _result_rows() -> list:
+    rows = []
+    for bm, row in _SESSION["rows"]:
+        r = {k: v for k, v in (bm.extra_info or {}).items() if not k.startswith("ceiling_")}
+        r.update(row)
+        r["name"] = bm.name
+        r["group"] = bm.group
+        rows.append(r)
+    return rows
+
+
+def _env(first_info: dict) -> dict:
+    import datetime
+
+    return {"device": first_info.get("device"), "torch": first_info.get("torch"), "cuda": first_info.get("cuda"),
+            "triton": first_info.get("triton"), "date": datetime.date.today().isoformat(),
+            "quick": QUICK, "python": platform.python_version(),
+            "timing": ("CUDA events over back-to-back calls (do_bench style; L2 flushed before each call on "
+                       "memory-bound rows); overhead = host time of one call" if HAS_CUDA else
+                       "host wall clock per call (CPU: Triton runs in the interpreter, no kernel speeds)")}
 
 
 def pytest_configure(config):
@@ -140,32 +181,32 @@ def pytest_configure(config):
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    """A roofline table after pytest-benchmark's own: achieved GB/s / TFLOP/s and the fraction of the ceiling."""
-    bs = getattr(config, "_benchmarksession", None)
-    rows = [b for b in (getattr(bs, "benchmarks", None) or []) if getattr(b, "extra_info", None)]
-    if not rows:
+    """A roofline table after pytest-benchmark's own (kernel median, Python overhead, achieved GB/s / TFLOP/s, the
+    fraction of the ceilings, speedup over the best baseline) and, on a GPU, the results files."""
+    rows = _result_rows()
+    if not rows or _SESSION["ceilings"] is None:
         return
-    first = rows[0].extra_info
+    doc = build_results(rows, env=_env(rows[0]), ceilings=_SESSION["ceilings"])
+    e, c = doc["env"], doc["ceilings"]
     tr = terminalreporter
     tr.write_sep("-", "roofline (ceilings measured in this run)")
-    tr.write_line(
-        f"device: {first.get('device')} | torch {first.get('torch')} | triton {first.get('triton')} | "
-        f"cuda {first.get('cuda')} | copy {first.get('ceiling_copy_gbps')} GB/s | "
-        f"matmul {first.get('ceiling_matmul_tflops')} TFLOP/s"
-    )
-    head = f"{'benchmark':<58} {'impl':<10} {'dtype':<9} {'median ms':>10} {'GB/s':>9} {'%copy':>6} {'TFLOP/s':>9} {'%mm':>6}"
+    tr.write_line(f"device: {e['device']} | torch {e['torch']} | triton {e['triton']} | cuda {e['cuda']} | "
+                  f"copy {c['copy_gbps']:.2f} GB/s | matmul {c['matmul_tflops']:.3f} TFLOP/s | timing: {e['timing']}")
+    head = (f"{'benchmark':<52} {'impl':<18} {'dtype':<9} {'median us':>10} {'ovh us':>8} {'GB/s':>9} {'%copy':>6} "
+            f"{'TFLOP/s':>9} {'%mm':>6} {'vs best base':>12}")
     tr.write_line(head)
-    for b in rows:
-        e = b.extra_info
-        med = b.stats.median * 1e3 if hasattr(b.stats, "median") else float("nan")
 
-        def fmt(v, pct=False):
-            if v is None:
-                return "-"
-            return f"{100 * v:.1f}" if pct else f"{v:.2f}" if v >= 0.01 else f"{v:.4f}"
+    def fmt(v, scale=1.0, digits=2):
+        return "-" if v is None else f"{v * scale:.{digits}f}"
 
+    for r in doc["rows"]:
+        sp = "base" if r.get("baseline") else fmt(r.get("speedup_vs_best_baseline"), digits=2) + (
+            "x" if r.get("speedup_vs_best_baseline") is not None else "")
         tr.write_line(
-            f"{b.name[:58]:<58} {str(e.get('impl'))[:10]:<10} {str(e.get('dtype'))[:9]:<9} {med:>10.3f} "
-            f"{fmt(e.get('gbps')):>9} {fmt(e.get('frac_copy_bw'), True):>6} {fmt(e.get('tflops')):>9} "
-            f"{fmt(e.get('frac_matmul_peak'), True):>6}"
-        )
+            f"{r['name'][:52]:<52} {str(r.get('impl'))[:18]:<18} {str(r.get('dtype'))[:9]:<9} "
+            f"{fmt(r.get('median_s'), 1e6, 1):>10} {fmt(r.get('host_call_s'), 1e6, 1):>8} {fmt(r.get('gbps')):>9} "
+            f"{fmt(r.get('frac_copy_bw'), 100, 1):>6} {fmt(r.get('tflops'), 1, 3):>9} "
+            f"{fmt(r.get('frac_matmul_peak'), 100, 1):>6} {sp:>12}")
+    if RESULTS_DIR:
+        pj, pm = write_results(doc, RESULTS_DIR)
+        tr.write_line(f"results written: {pj} and {pm}")

@@ -163,7 +163,9 @@ Tensor shuffle_impl(const char* op, bool ln, const Tensor& x, int64_t r, bool v2
   if (weight) check_vector(*weight, cout, x, op, "weight");
   if (bias) check_vector(*bias, cout, x, op, "bias");
   c10::cuda::CUDAGuard guard(x.device());
-  const Tensor xc = x.contiguous();
+  // read strided token views (e.g. vit_embeds[:, 1:, :]) in place; only the channel stride must be 1
+  const bool in_place = x.stride(2) == 1 && x.stride(1) >= C && (B == 1 || x.stride(0) >= N * x.stride(1));
+  const Tensor xc = in_place ? x : x.contiguous();
   Tensor out = new_output({B, (side / r) * (side / r), cout}, x.options());
   const Tensor w = weight ? weight->contiguous() : Tensor();
   const Tensor b = bias ? bias->contiguous() : Tensor();
@@ -174,6 +176,8 @@ Tensor shuffle_impl(const char* op, bool ln, const Tensor& x, int64_t r, bool v2
   a.r = static_cast<int>(r);
   a.channels = static_cast<int>(C);
   a.v2 = v2;
+  a.token_stride = xc.stride(1);
+  a.batch_stride = B == 1 ? 0 : xc.stride(0);
   a.x = xc.data_ptr();
   a.out = out.data_ptr();
   a.weight = weight ? w.data_ptr() : nullptr;

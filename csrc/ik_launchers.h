@@ -44,7 +44,10 @@ cudaError_t layer_norm_launch(const NormArgs& args, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------------------------
 // pixel_shuffle / pixel_shuffle_layer_norm (pixel_shuffle.cu).
-// x: contiguous [batch, side*side, channels]; out: contiguous [batch, (side/r)^2, channels*r*r].
+// x: [batch, side*side, channels] with unit channel stride; token t of batch b starts at
+//    x + b*batch_stride + t*token_stride (elements; 0 = contiguous: token_stride = channels, batch_stride =
+//    side*side*token_stride), so a strided view such as vit_embeds[:, 1:, :] is read in place;
+// out: contiguous [batch, (side/r)^2, channels*r*r].
 // Output token t of the (side/r)^2 grid and channel (ir*r + jr)*channels + c read input token
 // (i2*r + ir)*side + (j2*r + jr), channel c, where (v1) t = j2*(side/r) + i2, (v2) t = i2*(side/r) + j2.
 // The layer-norm variant normalizes each output row (weight/bias [channels*r*r], may be null).
@@ -55,6 +58,8 @@ struct PixelShuffleArgs {
   int r = 2;
   int channels = 0;
   bool v2 = true;
+  int64_t token_stride = 0;  // elements between consecutive tokens of x (0: channels)
+  int64_t batch_stride = 0;  // elements between consecutive batch items of x (0: side*side*token_stride)
   const void* x = nullptr;
   void* out = nullptr;
   const void* weight = nullptr;

@@ -8,12 +8,21 @@
 //   permute(0, 2, 1, 3) -> view        [j2, i2, (ir, jr, c)]     i = i2*r + ir     (this is v1)
 //   v2: permute(0, 2, 1, 3)            [i2, j2, (ir, jr, c)]
 // One block per output token; each thread moves 16-byte vectors (C % VEC == 0 so a vector never straddles two
-// source tokens). The layer-norm variant gathers the same way straight into the LayerNorm (no shuffled copy).
+// source tokens). x is addressed through its token / batch strides (the cls-stripped view vit_embeds[:, 1:, :] is
+// read in place, no contiguous copy); both strides must be multiples of VEC for the vector width to be used. The layer-norm variant gathers the same way straight into the LayerNorm (no shuffled copy).
 #include "ik_layout.h"  // ShuffleMap
 #include "ik_norm.cuh"
 
 namespace ik {
 namespace {
+
+__host__ __device__ inline int64_t token_stride(const PixelShuffleArgs& p) {
+  return p.token_stride ? p.token_stride : static_cast<int64_t>(p.channels);
+}
+
+__host__ __device__ inline int64_t batch_stride(const PixelShuffleArgs& p) {
+  return p.batch_stride ? p.batch_stride : static_cast<int64_t>(p.side) * p.side * token_stride(p);
+}
 
 template <typename T, int VEC>
 __global__ void __launch_bounds__(256) pixel_shuffle_kernel(const PixelShuffleArgs p) {
@@ -25,13 +34,14 @@ __global__ void __launch_bounds__(256) pixel_shuffle_kernel(const PixelShuffleAr
   const int C = p.channels;
   const int64_t cout = static_cast<int64_t>(C) * p.r * p.r;
   const int nvec = static_cast<int>(cout / VEC);
-  const T* __restrict__ xb = static_cast<const T*>(p.x) + b * static_cast<int64_t>(p.side) * p.side * C;
+  const int64_t ts = token_stride(p);
+  const T* __restrict__ xb = static_cast<const T*>(p.x) + b * batch_stride(p);
   T* __restrict__ o = static_cast<T*>(p.out) + orow * cout;
   for (int v = threadIdx.x; v < nvec; v += blockDim.x) {
     const int col = v * VEC;
     const int chunk = col / C;
     const int cc = col - chunk * C;
-    store_vec<T, VEC>(o + col, load_vec<T, VEC>(xb + map.src_token(t, chunk) * C + cc));
+    store_vec<T, VEC>(o + col, load_vec<T, VEC>(xb + map.src_token(t, chunk) * ts + cc));
   }
 }
 
@@ -46,13 +56,14 @@ __global__ void __launch_bounds__(VPT > 0 ? 1024 : kNormUncachedThreads) pixel_s
   const int C = p.channels;
   const int64_t cout = static_cast<int64_t>(C) * p.r * p.r;
   const int nvec = static_cast<int>(cout / VEC);
-  const T* __restrict__ xb = static_cast<const T*>(p.x) + b * static_cast<int64_t>(p.side) * p.side * C;
+  const int64_t ts = token_stride(p);
+  const T* __restrict__ xb = static_cast<const T*>(p.x) + b * batch_stride(p);
   T* out = static_cast<T*>(p.out) + orow * cout;
   auto src = [&](int v, float(&h)[VEC]) {
     const int col = v * VEC;
     const int chunk = col / C;
     const int cc = col - chunk * C;
-    const Vec<T, VEC> xv = load_vec<T, VEC>(xb + map.src_token(t, chunk) * C + cc);
+    const Vec<T, VEC> xv = load_vec<T, VEC>(xb + map.src_token(t, chunk) * ts + cc);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) h[j] = to_f<T>(xv.v[j]);
   };
@@ -66,7 +77,8 @@ int shuffle_pick_vec(const PixelShuffleArgs& p) {
   const int cands[3] = {kMax, 2, 1};
   for (int vec : cands) {
     const int64_t bytes = vec * static_cast<int64_t>(sizeof(T));
-    bool ok = p.channels % vec == 0 && aligned_to(p.x, bytes) && aligned_to(p.out, bytes);
+    bool ok = p.channels % vec == 0 && token_stride(p) % vec == 0 && batch_stride(p) % vec == 0 &&
+              aligned_to(p.x, bytes) && aligned_to(p.out, bytes);
     if (p.weight != nullptr) ok = ok && aligned_to(p.weight, bytes);
     if (p.bias != nullptr) ok = ok && aligned_to(p.bias, bytes);
     if (ok) return vec;
@@ -79,6 +91,8 @@ cudaError_t check_args(const PixelShuffleArgs& p) {
   if (static_cast<int64_t>(p.channels) * p.r * p.r > (int64_t{1} << 30)) return cudaErrorInvalidValue;
   if (p.batch * (p.side / p.r) * static_cast<int64_t>(p.side / p.r) > 0x7fffffff) return cudaErrorInvalidValue;
   if (p.x == nullptr || p.out == nullptr) return cudaErrorInvalidValue;
+  if (p.token_stride < 0 || p.batch_stride < 0) return cudaErrorInvalidValue;
+  if (p.token_stride != 0 && p.token_stride < p.channels) return cudaErrorInvalidValue;  // tokens would overlap
   return cudaSuccess;
 }
 

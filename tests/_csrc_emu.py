@@ -44,7 +44,7 @@ def load(path):
     LIB.ik_emu_norm.argtypes = [ctypes.c_int, ctypes.c_int, I64, I64, P, I64, P, I64, P, P, P, P, I64, P, I64,
                                 ctypes.c_float]
     LIB.ik_emu_pixel_shuffle.argtypes = [ctypes.c_int, ctypes.c_int, I64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                                         ctypes.c_int, P, P, P, P, ctypes.c_float]
+                                         ctypes.c_int, I64, I64, P, P, P, P, ctypes.c_float]
     LIB.ik_emu_bias_gelu.argtypes = [ctypes.c_int, P, I64, P, I64, I64]
     LIB.ik_emu_qk_rstd.argtypes = [ctypes.c_int, P, I64, I64, I64, ctypes.c_float, P]
     LIB.ik_emu_attention.argtypes = [ctypes.c_int] * 6 + [P, P, P, P, P, ctypes.c_float, P, P, P, P]
@@ -122,16 +122,26 @@ def case_norm(kind, dtype, rows, C, misaligned=False, affine="wb", with_scale=Tr
 
 
 # ---------------------------------------------------------------------------------------------- pixel shuffle
-def case_shuffle(dtype, B, N, C, r, version, ln):
+def case_shuffle(dtype, B, N, C, r, version, ln, view="contiguous"):
+    """``view``: "contiguous"; "cls" — the tokens after a leading cls token, ``x_full[:, 1:, :]`` (read in place
+    through its strides, as the model passes ``vit_embeds[:, 1:, :]``); "padded" — tokens ``C + 8`` elements apart."""
     g = torch.Generator().manual_seed(B * N + C)
-    x = (torch.randn(B, N, C, generator=g) * 2).to(dtype)
+    if view == "cls":
+        x = (torch.randn(B, N + 1, C, generator=g) * 2).to(dtype)[:, 1:, :]
+    elif view == "padded":
+        x = (torch.randn(B, N, C + 8, generator=g) * 2).to(dtype)[:, :, :C]
+    else:
+        x = (torch.randn(B, N, C, generator=g) * 2).to(dtype)
+    assert x.stride(2) == 1 and (view != "padded" or not x.is_contiguous())
+    assert view != "cls" or x.storage_offset() == C  # the tokens start one (cls) token into the buffer
     side = math.isqrt(N)
     cout = C * r * r
     out = poisoned(B, N // (r * r), cout, dtype=dtype)
     w = torch.randn(cout, generator=g).to(dtype) if ln else None
     b = torch.randn(cout, generator=g).to(dtype) if ln else None
-    rc = LIB.ik_emu_pixel_shuffle(int(ln), DT[dtype], B, side, r, C, int(version == "v2"), ptr(x), ptr(out), ptr(w),
-                                  ptr(b), 1e-5)
+    ts, bs = (0, 0) if view == "contiguous" else (x.stride(1), x.stride(0))
+    rc = LIB.ik_emu_pixel_shuffle(int(ln), DT[dtype], B, side, r, C, int(version == "v2"), ts, bs, ptr(x), ptr(out),
+                                  ptr(w), ptr(b), 1e-5)
     check_rc(rc, "pixel_shuffle")
     if ln:
         assert_close(out, F.pixel_shuffle_layer_norm(x, w, b, 1 / r, version, 1e-5), *NORM_TOL[dtype],
@@ -262,6 +272,11 @@ def build_cases():
                 cases[f"pixel_shuffle-{n}-{B}x{N}x{C}-r{r}-{version}"] = (case_shuffle, (dt, B, N, C, r, version, False))
                 cases[f"pixel_shuffle_layer_norm-{n}-{B}x{N}x{C}-r{r}-{version}"] = (
                     case_shuffle, (dt, B, N, C, r, version, True))
+        for (B, N, C, r) in ((2, 16, 8, 2), (1, 64, 24, 2), (2, 36, 5, 3)):
+            for view in ("cls", "padded"):
+                cases[f"pixel_shuffle-{n}-{B}x{N}x{C}-r{r}-{view}"] = (case_shuffle, (dt, B, N, C, r, "v2", False, view))
+                cases[f"pixel_shuffle_layer_norm-{n}-{B}x{N}x{C}-r{r}-{view}"] = (
+                    case_shuffle, (dt, B, N, C, r, "v1", True, view))
         cases[f"bias_gelu-{n}"] = (case_bias_gelu, (dt, 5, 40))
         cases[f"bias_gelu-{n}-odd"] = (case_bias_gelu, (dt, 3, 37))
     for dt in (torch.float16, torch.bfloat16):

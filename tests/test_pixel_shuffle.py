@@ -135,3 +135,19 @@ def test_pixel_shuffle_layer_norm(gpu_backend, B, N, C, version, dtype):
     w, b = rnd(4 * C, dtype=dtype), rnd(4 * C, dtype=dtype)
     out = parity_run(gpu_backend, "pixel_shuffle_layer_norm", ops.pixel_shuffle_layer_norm, x, w, b, 0.5, version, 1e-5)
     assert_close(out, F.pixel_shuffle_layer_norm(x, w, b, 0.5, version, 1e-5), **NORM_TOL[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=IDS.get)
+@pytest.mark.parametrize("version", ["v1", "v2"])
+@pytest.mark.parametrize("B,N,C", [(13, 1024, 3200), (2, 16, 8)])
+def test_pixel_shuffle_strided_cls_view(gpu_backend, B, N, C, version, dtype):
+    """The model's input: ``vit_embeds[:, 1:, :]`` (cls dropped), a strided view read in place."""
+    full = rnd(B, N + 1, C, dtype=dtype, scale=2.0)
+    x = full[:, 1:, :]
+    assert not x.is_contiguous()
+    w, b = rnd(4 * C, dtype=dtype), rnd(4 * C, dtype=dtype)
+    out = parity_run(gpu_backend, "pixel_shuffle_layer_norm", ops.pixel_shuffle_layer_norm, x, w, b, 0.5, version, 1e-5)
+    assert_close(out, F.pixel_shuffle_layer_norm(x, w, b, 0.5, version, 1e-5), **NORM_TOL[dtype])
+    out = parity_run(gpu_backend, "pixel_shuffle", ops.pixel_shuffle, x, 0.5, version)
+    assert torch.equal(out, F.pixel_shuffle(x, 0.5, version))

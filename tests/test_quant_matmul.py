@@ -361,12 +361,16 @@ def test_quant_matmul_group_sizes_and_k_tails(gpu_backend, K, gs, bits, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("KN", [(5120, 13824), (13824, 5120), (12800, 3200)], ids=str)
-@pytest.mark.parametrize("M", [1, 16])
+@pytest.mark.parametrize("KN", [(5120, 13824), (13824, 5120), (6144, 6144), (12800, 3200)], ids=str)
+@pytest.mark.parametrize("M", [1, 16, 128])
 def test_quant_matmul_llm_shapes(gpu_backend, KN, M):
+    """W4 GEMM at the LLM widths (LLaMA2-13B MLP, InternLM2-20B hidden) and InternViT-6B fc2, decode to prefill M."""
+    from internvl_kernels.ops._cuda import QUANT_MATMUL_MAX_M
+
     K, N = KN
     q, x, _ = _qmm_case(K, N, 4, "gptq", False, torch.bfloat16, M, bias=False)
-    y = parity_run(gpu_backend, "quant_matmul", ops.quant_matmul, x, q["qweight"], q["scales"], q["qzeros"], None, 4, 128, "gptq")
+    y = parity_run(gpu_backend, "quant_matmul", ops.quant_matmul, x, q["qweight"], q["scales"], q["qzeros"], None, 4, 128,
+                   "gptq", expect=None if M <= QUANT_MATMUL_MAX_M else "triton")
     check_against_reference(y, x, q, 4, 128, "gptq", what=f"{gpu_backend} {KN} M={M}")
 
 

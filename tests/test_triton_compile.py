@@ -2,7 +2,8 @@
 
 The CPU suite runs the kernels in the interpreter, which checks what they compute but not that they compile for a
 GPU (tensor-core dot shapes, layouts, shared memory). This test compiles one representative configuration per
-kernel and dtype path and checks its shared memory against the H100's limit; ``python -m
+kernel and dtype path and checks its shared memory against the H100's limit and that ptxas reports no register
+spills; ``python -m
 internvl_kernels.ops.aot_check --all`` does the same for every autotune configuration.
 """
 from __future__ import annotations
@@ -25,5 +26,5 @@ def test_kernels_compile_for_sm90():
     if r.returncode != 0 and "ptxas" in (r.stdout + r.stderr) and "not found" in (r.stdout + r.stderr).lower():
         pytest.skip("this triton install has no bundled ptxas")
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    assert "all kernels compile for sm_90" in r.stdout
-    assert r.stdout.count("ok ") >= 20
+    assert "all kernels compile for sm_90" in r.stdout and "SPILL" not in r.stdout
+    assert r.stdout.count("ok ") >= 15  # (attention's query-tail tile is compiled into each attention config)

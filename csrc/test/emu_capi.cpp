@@ -32,8 +32,9 @@ int ik_emu_norm(int rms, int dtype, int64_t rows, int64_t cols, const void* x, i
   return static_cast<int>(rms ? ik::rms_norm_launch(a, nullptr) : ik::layer_norm_launch(a, nullptr));
 }
 
-int ik_emu_pixel_shuffle(int ln, int dtype, int64_t batch, int side, int r, int channels, int v2, const void* x,
-                         void* out, const void* weight, const void* bias, float eps) {
+int ik_emu_pixel_shuffle(int ln, int dtype, int64_t batch, int side, int r, int channels, int v2,
+                         int64_t token_stride, int64_t batch_stride, const void* x, void* out, const void* weight,
+                         const void* bias, float eps) {
   ik::PixelShuffleArgs a;
   a.dtype = static_cast<DType>(dtype);
   a.batch = batch;
@@ -41,6 +42,8 @@ int ik_emu_pixel_shuffle(int ln, int dtype, int64_t batch, int side, int r, int 
   a.r = r;
   a.channels = channels;
   a.v2 = v2 != 0;
+  a.token_stride = token_stride;
+  a.batch_stride = batch_stride;
   a.x = x;
   a.out = out;
   a.weight = weight;

@@ -6,10 +6,15 @@ per call by :mod:`internvl_kernels._backend` (``set_backend("auto"|"eager"|"trit
 ``INTERNVL_KERNELS_BACKEND``): the eager reference (:mod:`internvl_kernels.model.functional`), the Triton kernels
 (CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``), or the CUDA extension where it registered the op and its
 ``can_implement`` accepts the call. ``python -m internvl_kernels`` prints each op's choice and the reasons.
+
+The Triton wrappers launch on their inputs' device (``torch.cuda.device(x.device)``), so a model split over GPUs
+works. Autotuned kernels (attention, linear, quant_matmul) benchmark their configurations on the first call of each
+shape key; inside a CUDA-graph capture an untuned key launches a fixed configuration instead (one warning). Tune
+ahead with :func:`warmup` (e.g. ``ops.warmup(model, pixel_values)``) before capturing.
 """
 from __future__ import annotations
 
-from ._common import launches, poison_outputs
+from ._common import launches, poison_outputs, warmup
 from .add_layer_norm import add_layer_norm
 from .add_rms_norm import add_rms_norm
 from .attention import attention
@@ -30,7 +35,7 @@ OPS = (
 __all__ = [
     "rms_norm", "layer_norm", "add_rms_norm", "add_layer_norm", "attention", "qk_norm_attention", "pixel_shuffle",
     "pixel_shuffle_layer_norm", "linear", "mlp_projector", "quant_matmul", "projector_gemms", "linear_choices", "poison_outputs",
-    "launches", "OPS",
+    "launches", "warmup", "OPS",
 ]
 
 # CUDA implementations register themselves (register_impl(op, "cuda", fn)); without the compiled extension

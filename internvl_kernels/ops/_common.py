@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
+import logging
 import os
 
 import torch
@@ -133,3 +135,91 @@ def upcast_dots(dtype: torch.dtype) -> bool:
 
 def env_flag(name: str, default: str) -> str:
     return os.environ.get(name, default).strip().lower() or default
+
+
+# -------------------------------------------------------------------------------------------------------------------
+# device guard: Triton launches on the *current* CUDA device; every wrapper enters the inputs' device first
+# -------------------------------------------------------------------------------------------------------------------
+def device_guard(t: torch.Tensor):
+    """``torch.cuda.device(t.device)`` for a CUDA tensor (so a model split over GPUs launches each kernel on its
+    tensors' GPU), a no-op context otherwise."""
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+def on_input_device(fn):
+    """Decorator for the Triton wrappers: run ``fn`` inside :func:`device_guard` of its first tensor argument."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        ref = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if ref is None:
+            return fn(*args, **kwargs)
+        with device_guard(ref):  # looked up at call time (tests count the entries)
+            return fn(*args, **kwargs)
+
+    return run
+
+
+# -------------------------------------------------------------------------------------------------------------------
+# autotuning and CUDA graphs: no benchmarking inside a capture
+# -------------------------------------------------------------------------------------------------------------------
+_log = logging.getLogger("internvl_kernels")
+TUNERS: dict = {}  # name -> triton Autotuner, for tune-ahead and reports
+_WARNED: set = set()
+
+
+def register_tuner(name: str, tuner):
+    TUNERS[name] = tuner
+    return tuner
+
+
+def capturing() -> bool:
+    """True while the current CUDA stream is being captured into a CUDA graph."""
+    return (not INTERPRET) and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def tuning_key(tuner, args: tuple, kwargs: dict) -> tuple:
+    """The key triton's ``Autotuner.run`` caches the best config under (its ``key`` arguments + tensor dtypes)."""
+    all_args = {**dict(zip(tuner.arg_names, args)), **kwargs}
+    named = {k: v for k, v in all_args.items() if k in tuner.arg_names}
+    key = [named[k] for k in tuner.keys if k in named]
+    key += [str(v.dtype) for v in named.values() if hasattr(v, "dtype")]
+    return tuple(key)
+
+
+def launch_tuned(name: str, tuner, grid, *args, prune=None, **kwargs):
+    """``tuner[grid](*args, **kwargs)``, except inside a CUDA-graph capture when this key was never tuned: then the
+    first configuration the pruning keeps is launched directly (benchmarking can't run inside a capture) and one
+    warning says so. Tune ahead with :func:`internvl_kernels.ops.warmup` (or one eager call) before capturing."""
+    if len(tuner.configs) > 1 and capturing() and tuning_key(tuner, args, kwargs) not in tuner.cache:
+        configs = tuner.configs
+        if prune is not None:
+            configs = prune(configs, dict(zip(tuner.arg_names, args)), **kwargs) or configs
+        cfg = configs[0]
+        if name not in _WARNED:
+            _WARNED.add(name)
+            _log.warning("%s: untuned shape inside a CUDA-graph capture; launching the fixed config %s "
+                         "(call internvl_kernels.ops.warmup(...) before capturing to tune ahead)", name, cfg)
+        return tuner.fn[grid](*args, **kwargs, **cfg.all_kwargs())
+    return tuner[grid](*args, **kwargs)
+
+
+def tuned_keys() -> int:
+    """How many (kernel, key) pairs the autotuners have tuned in this process."""
+    return sum(len(getattr(t, "cache", {})) for t in TUNERS.values())
+
+
+def warmup(fn, *args, **kwargs):
+    """Tune ahead: run ``fn(*args, **kwargs)`` once outside any CUDA-graph capture (every autotuned kernel it
+    launches benchmarks its configs now), synchronize, and return ``(result, newly_tuned_keys)``. Call it with the
+    shapes you will capture (e.g. one forward of the model) before ``torch.cuda.graph(...)``."""
+    if capturing():
+        raise RuntimeError("internvl_kernels.ops.warmup: called inside a CUDA-graph capture; call it before capturing")
+    before = tuned_keys()
+    with torch.no_grad():
+        out = fn(*args, **kwargs)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return out, tuned_keys() - before

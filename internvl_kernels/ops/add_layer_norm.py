@@ -13,10 +13,12 @@ from torch import Tensor
 from .. import _backend
 from ..model import functional as F_ref
 from .add_rms_norm import _check, _dtypes, _run
+from ._common import on_input_device
 
 OP_LN = "add_layer_norm"
 
 
+@on_input_device
 def add_layer_norm_triton(x, residual, weight, bias, eps=1e-6, scale=None):
     return _run(OP_LN, x, residual, weight, bias, eps, scale, False)
 

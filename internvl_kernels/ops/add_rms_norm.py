@@ -17,6 +17,7 @@ from torch import Tensor
 from .. import _backend
 from ..model import functional as F_ref
 from ._common import check_float, check_rank, check_same_device, check_same_dtype, check_vector, rows_2d
+from ._common import on_input_device
 from ._norm_kernel import norm_rows
 
 OP_RMS = "add_rms_norm"
@@ -54,6 +55,7 @@ def _run(op, x, residual, weight, bias, eps, scale, is_rms):
 
 
 # ------------------------------------------------------------------------------------------------ add_rms_norm
+@on_input_device
 def add_rms_norm_triton(x, residual, weight, eps=1e-6, scale=None):
     return _run(OP_RMS, x, residual, weight, None, eps, scale, True)
 

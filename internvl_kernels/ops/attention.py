@@ -10,8 +10,9 @@ without wasting a whole block:
 
 * keys: the full ``BLOCK_N`` blocks run unmasked; the remainder is processed in masked ``TAIL_N`` (= 32) slices, so
   the 1025th key costs a 32-wide step instead of a 128-wide one;
-* queries: when the remainder of ``S`` after full ``BLOCK_M`` tiles is at most ``BLOCK_M / 2`` it is handled by a
-  second launch with a small ``BLOCK_M`` (≥ 16), instead of a 128-row program computing one valid row.
+* queries: when the remainder of ``S`` after full ``BLOCK_M`` tiles is at most ``BLOCK_M / 2`` it is handled by one
+  extra program per (batch, head) in the same launch, with a small tile (``TAIL_M`` ≥ 16 rows), instead of a
+  128-row program computing one valid row (or a second, serial launch).
 
 Precision: scores, softmax statistics and the output accumulator are fp32. fp16/bf16 inputs use tensor-core dots
 with the probabilities rounded to the input dtype for the ``P @ V`` product (as flash-attention does). fp32 inputs use
@@ -35,6 +36,7 @@ from torch import Tensor
 from .. import _backend
 from ..model import functional as F_ref
 from ._common import (
+    launch_tuned, on_input_device, register_tuner,
     INTERPRET, autotune_configs, check_float, check_rank, check_same_device, check_same_dtype, count_launch, new_empty,
     next_pow2, tl_dtype, upcast_dots,
 )
@@ -105,14 +107,10 @@ def _attn_block(
 
 
 @triton.jit
-def _attn_fwd_kernel(
+def _attn_tile(
     Q, K, V, O, RSTD, WQ, WK,
-    stride_qb, stride_qs, stride_qh,
-    stride_kb, stride_ks, stride_kh,
-    stride_vb, stride_vs, stride_vh,
-    stride_ob, stride_os, stride_oh,
-    stride_rb, stride_rs,
-    H, S_Q, S_KV, M_START, qk_scale,
+    stride_qs, stride_ks, stride_vs, stride_os, stride_rb, stride_rs,
+    b, h, m_start, S_Q, S_KV, qk_scale,
     D: tl.constexpr,
     QK_NORM: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -122,18 +120,12 @@ def _attn_fwd_kernel(
     BLOCK_N: tl.constexpr,
     TAIL: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    offs_m = M_START + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    """``BLOCK_M`` query rows from ``m_start`` of one (batch, head); Q/K/V/O already point at that (b, h)."""
+    offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     mmask = offs_m < S_Q
 
-    q_base = Q + b * stride_qb + h * stride_qh
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
-    q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=mmask[:, None], other=0.0)
+    q = tl.load(Q + offs_m[:, None] * stride_qs + offs_d[None, :], mask=mmask[:, None], other=0.0)
     rk_base = RSTD + b * stride_rb + 1  # rstd of k: column 1 of [B, S, 2]
     if QK_NORM != 0:
         # q̂ = (q * rstd_q) -> dtype, * w_q -> dtype: exactly the reference's normalized q
@@ -157,18 +149,62 @@ def _attn_fwd_kernel(
     n_full = (S_KV // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         acc, l_i, m_i = _attn_block(
-            acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, rk_base, stride_rs, wk, start_n, S_KV, qk_scale,
+            acc, l_i, m_i, q, K, V, stride_ks, stride_vs, rk_base, stride_rs, wk, start_n, S_KV, qk_scale,
             offs_d, BLOCK_N, False, QK_NORM, UPCAST, IEEE, DT,
         )
     for start_n in range(n_full, S_KV, TAIL):
         acc, l_i, m_i = _attn_block(
-            acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, rk_base, stride_rs, wk, start_n, S_KV, qk_scale,
+            acc, l_i, m_i, q, K, V, stride_ks, stride_vs, rk_base, stride_rs, wk, start_n, S_KV, qk_scale,
             offs_d, TAIL, True, QK_NORM, UPCAST, IEEE, DT,
         )
 
     out = acc / l_i[:, None]
-    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
+    o_ptrs = O + offs_m[:, None] * stride_os + offs_d[None, :]
     tl.store(o_ptrs, to_dtype(out, O.dtype.element_ty), mask=mmask[:, None])
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, RSTD, WQ, WK,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh,
+    stride_rb, stride_rs,
+    H, S_Q, S_KV, N_MAIN, qk_scale,
+    D: tl.constexpr,
+    QK_NORM: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+    DT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    TAIL: tl.constexpr,
+    TAIL_M: tl.constexpr,
+):
+    """Programs ``0 .. N_MAIN-1`` own full ``BLOCK_M`` query tiles; with ``TAIL_M`` > 0 the last program (``pid_m ==
+    N_MAIN``) owns the few rows after them in a ``TAIL_M``-row tile — one launch, no 128-row tile for 1 row."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    q_base = Q + b * stride_qb + h * stride_qh
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    o_base = O + b * stride_ob + h * stride_oh
+    if TAIL_M > 0:
+        if pid_m == N_MAIN:
+            _attn_tile(q_base, k_base, v_base, o_base, RSTD, WQ, WK, stride_qs, stride_ks, stride_vs, stride_os,
+                       stride_rb, stride_rs, b, h, N_MAIN * BLOCK_M, S_Q, S_KV, qk_scale,
+                       D, QK_NORM, UPCAST, IEEE, DT, TAIL_M, BLOCK_N, TAIL)
+        else:
+            _attn_tile(q_base, k_base, v_base, o_base, RSTD, WQ, WK, stride_qs, stride_ks, stride_vs, stride_os,
+                       stride_rb, stride_rs, b, h, pid_m * BLOCK_M, S_Q, S_KV, qk_scale,
+                       D, QK_NORM, UPCAST, IEEE, DT, BLOCK_M, BLOCK_N, TAIL)
+    else:
+        _attn_tile(q_base, k_base, v_base, o_base, RSTD, WQ, WK, stride_qs, stride_ks, stride_vs, stride_os,
+                   stride_rb, stride_rs, b, h, pid_m * BLOCK_M, S_Q, S_KV, qk_scale,
+                   D, QK_NORM, UPCAST, IEEE, DT, BLOCK_M, BLOCK_N, TAIL)
 
 
 def _gpu_configs():
@@ -179,12 +215,24 @@ def _gpu_configs():
 
 
 def _prune(configs, named_args, **kwargs):
-    # fp32 K/V tiles are twice as large: 128-wide blocks with 3+ stages overflow the H100's 227 KB of shared memory
-    # at D = 128 (checked by compiling every config for sm_90)
-    if kwargs.get("IEEE") and kwargs.get("D", 0) >= 128:
-        kept = [c for c in configs if c.kwargs["BLOCK_N"] * c.num_stages <= 256]
-        return kept or configs[:1]
-    return configs
+    """Keep the configurations that compile for sm_90 without register spills (``ptxas -v``; listed per config by
+    ``python -m internvl_kernels.ops.aot_check --pickable``, asserted by tests/test_triton_spills.py):
+
+    * fp32 (IEEE dots, ``BLOCK_M`` = 32): 8 warps and 64-wide key blocks (4 warps or 128-wide blocks spill; the
+      former 64-row tile spilled 23-58 KB in every configuration);
+    * 16-bit (``BLOCK_M`` = 128): 8 warps (4 warps spill 16-320 B even at D = 64); at D = 128 only 128-wide key
+      blocks with 3 stages (64-wide blocks spill 32-188 B, 2 stages 16 B with the QK-norm), except the exact QK-norm
+      mode (``QK_NORM`` = 2, which normalizes every k tile): 64-wide blocks, 3 stages (128-wide ones spill 240 B).
+    """
+    D = kwargs.get("D", 0)
+    if kwargs.get("IEEE"):
+        kept = [c for c in configs if c.num_warps == 8 and c.kwargs["BLOCK_N"] == 64]
+    elif D >= 128:
+        bn = 64 if kwargs.get("QK_NORM") == 2 else 128
+        kept = [c for c in configs if c.num_warps == 8 and c.kwargs["BLOCK_N"] == bn and c.num_stages == 3]
+    else:
+        kept = [c for c in configs if c.num_warps == 8]
+    return kept or configs[:1]
 
 
 _attn_fwd_tuned = triton.autotune(
@@ -192,12 +240,13 @@ _attn_fwd_tuned = triton.autotune(
     key=["S_Q", "S_KV", "D", "QK_NORM", "IEEE"],
     prune_configs_by=None if INTERPRET else {"early_config_prune": _prune},
 )(_attn_fwd_kernel)
+register_tuner("attention", _attn_fwd_tuned)
 
 
 def _block_m(dtype: torch.dtype) -> int:
     if INTERPRET:
         return 64
-    return 64 if dtype == torch.float32 else 128
+    return 32 if dtype == torch.float32 else 128  # fp32: 64-row tiles spill at D = 128 (see _prune)
 
 
 def launch_attention(
@@ -205,7 +254,8 @@ def launch_attention(
     strides_q, strides_k, strides_v, strides_o,
     rstd=None, wq=None, wk=None, qk_norm_mode: int = 1,
 ):
-    """Launch the forward kernel (main tiles + an optional small-tile launch for the query tail)."""
+    """Launch the forward kernel: one grid of full query tiles plus, when the remainder is small, one small-tile
+    program per (batch, head) for it (see :func:`query_tiles`)."""
     dtype = q.dtype
     qk_norm = 0 if rstd is None else qk_norm_mode
     if not qk_norm:
@@ -220,19 +270,24 @@ def launch_attention(
     if B * H == 0 or S_q == 0:
         return out
     bm = _block_m(dtype)
-    rem = S_q % bm
-    n_main = S_q // bm if (rem and rem <= bm // 2) else triton.cdiv(S_q, bm)
-    if n_main:
-        _attn_fwd_tuned[(n_main, B * H)](*args, 0, qk_scale, BLOCK_M=bm, **common)
-        count_launch(op)
-    if n_main * bm < S_q:
-        bm_tail = max(16, next_pow2(S_q - n_main * bm))
-        _attn_fwd_kernel[(1, B * H)](
-            *args, n_main * bm, qk_scale, BLOCK_M=bm_tail, BLOCK_N=64, num_warps=4, num_stages=1 if INTERPRET else 2,
-            **common,
-        )
-        count_launch(op)
+    n_main, tail_m = query_tiles(S_q, bm)
+    _launch_main(args, (n_main + (1 if tail_m else 0), B * H), n_main, qk_scale, bm, tail_m, common)
+    count_launch(op)
     return out
+
+
+def query_tiles(S_q: int, block_m: int) -> tuple[int, int]:
+    """``(full tiles, tail tile rows)``: a remainder of at most ``block_m / 2`` rows after the full tiles goes to one
+    extra program with a small (≥ 16, power-of-two) tile; a larger one to a masked ``block_m`` tile (tail 0)."""
+    rem = S_q % block_m
+    if rem and rem <= block_m // 2:
+        return S_q // block_m, max(16, next_pow2(rem))
+    return triton.cdiv(S_q, block_m), 0
+
+
+def _launch_main(args, grid, n_main, qk_scale, bm, tail_m, common):
+    launch_tuned(OP, _attn_fwd_tuned, grid, *args, n_main, qk_scale, BLOCK_M=bm, TAIL_M=tail_m, **common,
+                 prune=None if INTERPRET else _prune)
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> None:
@@ -255,6 +310,7 @@ def _unit_last(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+@on_input_device
 def attention_triton(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> Tensor:
     B, S_q, H, D = q.shape
     S_kv = k.shape[1]

@@ -13,6 +13,7 @@ from torch import Tensor
 from .. import _backend
 from ..model import functional as F_ref
 from ._common import check_float, check_rank, check_same_device, check_vector, rows_2d
+from ._common import on_input_device
 from ._norm_kernel import norm_rows
 
 OP = "layer_norm"
@@ -28,6 +29,7 @@ def _check(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: flo
         raise ValueError(f"{OP}: eps must be >= 0, got {eps}")
 
 
+@on_input_device
 def layer_norm_triton(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float = 1e-6) -> Tensor:
     y = norm_rows(OP, rows_2d(x), weight, bias, eps, is_rms=False, out_dtype=x.dtype)
     return y.view(x.shape)

@@ -14,6 +14,7 @@ from torch import Tensor
 from .. import _backend
 from ..model import functional as F_ref
 from ._common import check_float, check_rank, check_same_device, check_same_dtype, check_vector
+from ._common import on_input_device
 from .layer_norm import layer_norm_triton
 from .linear import linear_triton
 
@@ -48,6 +49,7 @@ def projector_gemms(h: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -
     return linear(linear(h, w1, b1, "gelu"), w2, b2, "none")
 
 
+@on_input_device
 def mlp_projector_triton(x, ln_weight, ln_bias, w1, b1, w2, b2, eps=1e-5):
     h = layer_norm_triton(x, ln_weight, ln_bias, eps)
     h = linear_triton(h, w1, b1, "gelu")

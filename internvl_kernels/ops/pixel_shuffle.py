@@ -22,6 +22,7 @@ from torch import Tensor
 from .. import _backend
 from ..model import functional as F_ref
 from ._common import (
+    on_input_device,
     check_float, check_rank, check_same_device, check_vector, count_launch, new_empty, next_pow2,
 )
 from ._norm_kernel import MAX_FUSED_N
@@ -124,6 +125,7 @@ def _x_rows(x: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------------- pixel_shuffle
+@on_input_device
 def pixel_shuffle_triton(x: Tensor, scale_factor: float = 0.5, version: str = "v2") -> Tensor:
     B, N, C, side, r = _check_grid(OP, x, scale_factor, version)
     x = _x_rows(x)
@@ -178,6 +180,7 @@ def _check_ln(x, weight, bias, scale_factor, version, eps):
     return B, N, C, side, r
 
 
+@on_input_device
 def pixel_shuffle_layer_norm_triton(x, weight, bias, scale_factor=0.5, version="v2", eps=1e-5):
     B, N, C, side, r = _check_ln(x, weight, bias, scale_factor, version, eps)
     x = _x_rows(x)

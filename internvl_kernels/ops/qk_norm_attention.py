@@ -35,6 +35,7 @@ from torch import Tensor
 from .. import _backend, options
 from ..model import functional as F_ref
 from ._common import (
+    on_input_device,
     check_float, check_rank, check_same_device, check_same_dtype, check_vector, count_launch, new_empty,
     next_pow2,
 )
@@ -106,6 +107,7 @@ def qk_rstd(qkv: Tensor, eps: float) -> Tensor:
     return rstd
 
 
+@on_input_device
 def qk_norm_attention_triton(qkv, q_norm_weight, k_norm_weight, num_heads, eps=1e-6, scale=None, qk_norm=None):
     B, S, C3 = qkv.shape
     C = C3 // 3

@@ -48,6 +48,7 @@ from .. import _backend
 from ..model import functional as F_ref
 from ..quant import formats
 from ._common import INTERPRET, count_launch, new_empty, next_pow2
+from ._common import launch_tuned, on_input_device, register_tuner
 
 OP = "quant_matmul"
 LAYOUTS = formats.FORMATS
@@ -425,6 +426,8 @@ if triton is not None:
     _qmm_gemm = triton.autotune(
         configs=[_GEMM_INTERP] if INTERPRET else _GEMM_GPU, key=_KEY,
         prune_configs_by={"early_config_prune": _prune})(_qmm_gemm_kernel)
+    register_tuner("quant_matmul.splitk", _qmm_splitk)
+    register_tuner("quant_matmul.gemm", _qmm_gemm)
 
 
 @functools.lru_cache(maxsize=None)
@@ -442,6 +445,7 @@ def _choose_split_k(M: int, N: int, K: int, BM: int, device) -> int:
     return int(max(1, min(-(-2 * sms // tiles), K // 512, 16)))
 
 
+@on_input_device
 def quant_matmul_triton(x, qweight, scales, qzeros, g_idx, bias, bits, group_size, layout, *,
                         kernel: str | None = None, split_k: int | None = None):
     """The Triton implementation on a 2-D ``x [M, K]``. ``kernel`` ("splitk" | "gemm") and ``split_k`` override the
@@ -471,10 +475,10 @@ def quant_matmul_triton(x, qweight, scales, qzeros, g_idx, bias, bits, group_siz
         sk = max(1, int(sk))
         part = new_empty((sk, M, N), torch.float32, x.device) if sk > 1 else out
         grid = lambda META: (triton.cdiv(N, META["BN"]), sk, triton.cdiv(M, BM))  # noqa: E731
-        _qmm_splitk[grid](x, qweight, scales, qzeros, gi, bias_t, out, part,
-                          M, N, K, gs, sk,
-                          x.stride(0), out.stride(0), qweight.stride(0), scales.stride(0), qzeros.stride(0),
-                          next_pow2(M), WRITE_PARTIAL=sk > 1, BM=BM, **common)
+        launch_tuned(OP, _qmm_splitk, grid, x, qweight, scales, qzeros, gi, bias_t, out, part,
+                     M, N, K, gs, sk,
+                     x.stride(0), out.stride(0), qweight.stride(0), scales.stride(0), qzeros.stride(0),
+                     next_pow2(M), WRITE_PARTIAL=sk > 1, BM=BM, **common, prune=_prune)
         count_launch(OP)
         if sk > 1:
             BLOCK = 1024
@@ -483,10 +487,10 @@ def quant_matmul_triton(x, qweight, scales, qzeros, g_idx, bias, bits, group_siz
             count_launch(OP)
     elif kernel == "gemm":
         grid = lambda META: (triton.cdiv(M, META["BM"]) * triton.cdiv(N, META["BN"]),)  # noqa: E731
-        _qmm_gemm[grid](x, qweight, scales, qzeros, gi, bias_t, out,
-                        M, N, K, gs,
-                        x.stride(0), out.stride(0), qweight.stride(0), scales.stride(0), qzeros.stride(0),
-                        next_pow2(M), **common)
+        launch_tuned(OP, _qmm_gemm, grid, x, qweight, scales, qzeros, gi, bias_t, out,
+                     M, N, K, gs,
+                     x.stride(0), out.stride(0), qweight.stride(0), scales.stride(0), qzeros.stride(0),
+                     next_pow2(M), **common, prune=_prune)
         count_launch(OP)
     else:
         raise ValueError(f"{OP}: kernel must be 'splitk' or 'gemm', got {kernel!r}")

@@ -13,6 +13,7 @@ from torch import Tensor
 from .. import _backend
 from ..model import functional as F_ref
 from ._common import check_float, check_rank, check_same_device, check_vector, rows_2d
+from ._common import on_input_device
 from ._norm_kernel import norm_rows
 
 OP = "rms_norm"
@@ -27,6 +28,7 @@ def _check(x: Tensor, weight: Tensor, eps: float) -> None:
         raise ValueError(f"{OP}: eps must be >= 0, got {eps}")
 
 
+@on_input_device
 def rms_norm_triton(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
     x2 = rows_2d(x)
     y = norm_rows(OP, x2, weight, None, eps, is_rms=True, out_dtype=torch.promote_types(weight.dtype, x.dtype))
