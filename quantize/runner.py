@@ -171,6 +171,13 @@ def _peak_memory(device) -> dict:
     return d
 
 
+INTERNLM2_PACKED = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+
+
+def _is_internlm2(lm: LoadedModel) -> bool:
+    return lm.kind == "internvl_chat" and lm.model.config.llm_architecture == "InternLM2ForCausalLM"
+
+
 def _expand_internlm2_skips(lm: LoadedModel, st: QuantSettings) -> tuple:
     """InternLM2 stores q/k/v as one wqkv: skipping any of them skips all three."""
     if lm.kind != "internvl_chat" or lm.model.config.llm_architecture != "InternLM2ForCausalLM" or not st.skip:
@@ -208,6 +215,8 @@ def run(rc: RunConfig, lm: LoadedModel, log=print) -> dict:
     st = rc.settings
     parts = validate(rc, lm)
     st.skip = _expand_internlm2_skips(lm, st)
+    if _is_internlm2(lm):  # q/k/v are written as one packed wqkv: one act-order column order for the three
+        st.packed_linears = INTERNLM2_PACKED
     tmp = prepare_out(rc.out, rc.overwrite) if (rc.out and rc.write) else None
     t_start = time.perf_counter()
     if str(st.device).startswith("cuda"):
