@@ -315,12 +315,13 @@ def run(rc: RunConfig, lm: LoadedModel, log=print) -> dict:
             t0 = time.perf_counter()
             from .writer import write_checkpoint
 
-            files = write_checkpoint(tmp, lm.kind, model, _raw_config(lm), res.results, qconfig, lm.src_dir,
+            write_checkpoint(tmp, lm.kind, model, _raw_config(lm), res.results, qconfig, lm.src_dir,
                                      lm.tokenizer if lm.src_dir is None else None, rc.max_shard_size)
             report["metrics"]["seconds_write"] = round(time.perf_counter() - t0, 2)
             report["metrics"]["seconds_total"] = round(time.perf_counter() - t_start, 2)
             report["out"] = os.path.abspath(rc.out)
-            report["files"] = sorted(files)
+            # every file of the folder (the tokenizer's and config files included), the report itself too
+            report["files"] = sorted(set(os.listdir(tmp)) | {"quant_report.json"})
             with open(os.path.join(tmp, "quant_report.json"), "w", encoding="utf-8") as f:
                 json.dump(_jsonable(report), f, indent=2)
             commit_out(tmp, rc.out)
