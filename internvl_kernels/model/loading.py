@@ -85,6 +85,28 @@ def load_state_dict(folder: str, dtype: torch.dtype | None = None, device=None) 
     return dict(iter_tensors(folder, dtype, device))
 
 
+def _save_file_reproducible(tensors: dict, path: str, metadata: dict) -> None:
+    """``safetensors.torch.save_file`` with the header metadata in sorted key order.
+
+    The library serializes the metadata from a hash map whose order changes from process to process, so the same
+    tensors would give different bytes. The header is rewritten in place with the same content, metadata keys
+    sorted, padded with spaces to the same length (tensor entries and data untouched).
+    """
+    import struct
+
+    save_file(tensors, path, metadata=metadata)
+    with open(path, "r+b") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n).decode("utf-8"))
+        meta = header.pop("__metadata__", None)
+        fixed = ({"__metadata__": dict(sorted(meta.items()))} if meta is not None else {}) | header
+        raw = json.dumps(fixed, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(raw) > n:  # cannot happen for the same content; never write a header that overruns the data
+            raise RuntimeError(f"{path}: re-serialized safetensors header is longer than the original")
+        f.seek(8)
+        f.write(raw + b" " * (n - len(raw)))
+
+
 def save_state_dict(
     state_dict: dict[str, torch.Tensor],
     folder: str,
@@ -94,7 +116,7 @@ def save_state_dict(
     """Write ``state_dict`` as sharded safetensors + index exactly like ``save_pretrained`` does.
 
     One shard → ``model.safetensors``; more → ``model-0000k-of-0000n.safetensors`` + ``model.safetensors.index.json``.
-    Returns the written file names.
+    Returns the written file names. The same tensors and metadata always give the same bytes.
     """
     os.makedirs(folder, exist_ok=True)
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -108,13 +130,13 @@ def save_state_dict(
         size += nbytes
     meta = {"format": "pt", **(metadata or {})}
     if len(shards) == 1:
-        save_file(shards[0], os.path.join(folder, SAFE_SINGLE), metadata=meta)
+        _save_file_reproducible(shards[0], os.path.join(folder, SAFE_SINGLE), meta)
         return [SAFE_SINGLE]
     n = len(shards)
     names, weight_map, total = [], {}, 0
     for i, shard in enumerate(shards, 1):
         name = f"model-{i:05d}-of-{n:05d}.safetensors"
-        save_file(shard, os.path.join(folder, name), metadata=meta)
+        _save_file_reproducible(shard, os.path.join(folder, name), meta)
         names.append(name)
         for key, t in shard.items():
             weight_map[key] = name
