@@ -207,7 +207,26 @@ def validate(rc: RunConfig, lm: LoadedModel) -> list[str]:
                             "(or add --static-groups)")
     if rc.nsamples < 1 or rc.seqlen < 8:
         raise QuantizeError("--nsamples must be >= 1 and --seqlen >= 8")
+    check_finite_weights(lm.model)
     return parts
+
+
+def check_finite_weights(model) -> None:
+    """Every floating parameter / buffer of ``model`` is finite, else :class:`QuantizeError` naming the tensors.
+
+    Runs before any calibration: a NaN / Inf weight otherwise fails deep inside GPTQ / AWQ with a message that names
+    no layer, or (RTN + Inf) writes a folder with a zeroed group.
+    """
+    bad = []
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and t.numel() and t.device.type != "meta":
+            finite = torch.isfinite(t)
+            if not bool(finite.all()):
+                kinds = "/".join(k for k, f in (("NaN", torch.isnan), ("Inf", torch.isinf)) if bool(f(t).any()))
+                bad.append(f"{name} ({int((~finite).sum())} {kinds})")
+    if bad:
+        raise QuantizeError(f"--model: non-finite weights (NaN/Inf) in {len(bad)} tensor(s): "
+                            + ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else ""))
 
 
 def run(rc: RunConfig, lm: LoadedModel, log=print) -> dict:

@@ -58,7 +58,7 @@ def iter_tensors(folder: str, dtype: torch.dtype | None = None, device=None):
             try:
                 with safe_open(path, framework="pt") as f:
                     for key in f.keys():
-                        yield key, _cast(f.get_tensor(key), dtype, device)
+                        yield key, _cast(check_finite(f.get_tensor(key), key, path), dtype, device)
             except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
                 if isinstance(e, CheckpointError):
                     raise
@@ -69,7 +69,23 @@ def iter_tensors(folder: str, dtype: torch.dtype | None = None, device=None):
             except Exception as e:
                 raise CheckpointError(f"cannot read {path}: {e}") from e
             for key, t in sd.items():
-                yield key, _cast(t, dtype, device)
+                yield key, _cast(check_finite(t, key, path), dtype, device)
+
+
+def check_finite(t: torch.Tensor, key: str, path: str) -> torch.Tensor:
+    """``t`` if it holds no NaN / Inf, else :class:`CheckpointError` naming the tensor and its file.
+
+    Every floating tensor is checked as it is read: a non-finite weight or scale would otherwise load silently and
+    only show as NaN logits / empty generations much later.
+    """
+    if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
+        finite = torch.isfinite(t)
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            kinds = "/".join(k for k, m in (("NaN", torch.isnan(t)), ("Inf", torch.isinf(t))) if bool(m.any()))
+            raise CheckpointError(f"{path}: tensor {key} has {bad} non-finite value(s) ({kinds}) in "
+                                  f"{tuple(t.shape)}; the checkpoint is corrupt or was saved from a diverged model")
+    return t
 
 
 def _cast(t: torch.Tensor, dtype, device=None):
