@@ -225,6 +225,9 @@ _ZERO_OFFSET = {"gptq": 1, "gptq_v2": 0}
 
 
 def quant_matmul(x, qweight, scales, qzeros, g_idx, bias, bits, group_size, layout):
+    from .quant_matmul import check_g_idx_range
+
+    check_g_idx_range(g_idx, scales.shape[0])  # the kernel indexes scales / zeros with g_idx unmasked
     K = x.shape[-1]
     N = qweight.shape[-1]
     M = x.numel() // K if K else 0
