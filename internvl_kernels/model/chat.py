@@ -107,6 +107,14 @@ class InternVLChatModel(nn.Module):
 
     def extract_feature(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Image tiles ``[T, 3, H, W]`` → image-token embeddings ``[T, num_image_token, H_llm]``."""
+        S, P = self.config.image_size, self.config.vision_config.patch_size
+        hw = tuple(pixel_values.shape[-2:])
+        if pixel_values.dim() == 4 and hw != (S, S) and not (hw[0] % P or hw[1] % P):  # other shapes: the ViT says
+            raise ValueError(
+                f"pixel_values must be tiles [T, 3, {S}, {S}] (this model's image size is {S} px, "
+                f"{self.num_image_token} image tokens per tile), got {tuple(pixel_values.shape)}; preprocess with "
+                f"load_image(image, input_size={S})"
+            )
         vit_embeds = self.vision_model.forward_features(pixel_values.to(self.dtype), self.select_layer)
         vit_embeds = vit_embeds[:, 1:, :]
         return self.pixel_shuffle_and_project(vit_embeds)
@@ -209,8 +217,9 @@ class InternVLChatModel(nn.Module):
         """Load an official InternVL-Chat hub folder (or one written by :meth:`save_pretrained` / the fixtures)."""
         if not os.path.isdir(path):
             raise FileNotFoundError(f"model folder not found: {path}")
-        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-            raw = json.load(f)
+        from .configuration import _read_json
+
+        raw = _read_json(os.path.join(path, "config.json"))  # errors name the path (missing / invalid JSON)
         config = InternVLChatConfig.from_dict(raw)
         dtype = dtype or _config_dtype(raw) or torch.float32
         # Tensors go straight to ``device`` shard by shard (host memory never holds the whole model).

@@ -377,11 +377,9 @@ def load_quantized_llm(path: str, dtype: torch.dtype | None = None, device=None)
     from ..model.loading import load_into_module, load_state_dict
 
     CheckpointError = _checkpoint_error()
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"{path}: no config.json")
-    with open(cfg_path, encoding="utf-8") as f:
-        raw = json.load(f)
+    from ..model.configuration import _read_json
+
+    raw = _read_json(os.path.join(path, "config.json"))  # errors name the path (missing / invalid JSON)
     qcfg = read_quant_config(path, raw)
     if not qcfg:
         raise CheckpointError(f"{path}: not a quantized checkpoint (no quantization_config in config.json and no "
