@@ -14,7 +14,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from . import formats
+from . import formats, preflight
+from .errors import QuantizeError
+from .writer import official_linear_name
 from .calib import (CalibrationError, calibration_images, calibration_windows, heldout_images, heldout_windows)
 from .pipeline import (PipelineResult, QuantSettings, Stream, llm_streams, perplexity, quantize_stack, sqnr_db,
                        vision_stream)
@@ -22,8 +24,6 @@ from .pipeline import (PipelineResult, QuantSettings, Stream, llm_streams, perpl
 __all__ = ["RunConfig", "LoadedModel", "load_model", "run", "QuantizeError"]
 
 
-class QuantizeError(RuntimeError):
-    """A user-facing error of ``python -m quantize`` (printed without a traceback, exit code 2)."""
 
 
 @dataclass
@@ -178,16 +178,19 @@ def _is_internlm2(lm: LoadedModel) -> bool:
     return lm.kind == "internvl_chat" and lm.model.config.llm_architecture == "InternLM2ForCausalLM"
 
 
-def _expand_internlm2_skips(lm: LoadedModel, st: QuantSettings) -> tuple:
-    """InternLM2 stores q/k/v as one wqkv: skipping any of them skips all three."""
-    if lm.kind != "internvl_chat" or lm.model.config.llm_architecture != "InternLM2ForCausalLM" or not st.skip:
+def _expand_skips(lm: LoadedModel, st: QuantSettings, linears) -> tuple:
+    """``--skip`` patterns match in-memory or official checkpoint names (InternLM2: ``attention.wqkv``,
+    ``feed_forward.w1``, ...); the Linears matched through an official name are added by name. InternLM2 stores
+    q/k/v as one wqkv: skipping any of them skips all three."""
+    if not st.skip:
         return tuple(st.skip)
-    extra = []
-    for i in range(len(lm.model.language_model.model.layers)):
-        names = [f"language_model.model.layers.{i}.self_attn.{p}_proj" for p in "qkv"]
-        wqkv = f"language_model.model.layers.{i}.attention.wqkv"
-        if any(fnmatch.fnmatchcase(n, p) for n in names + [wqkv] for p in st.skip):
-            extra += names
+    hit = lambda n: any(fnmatch.fnmatchcase(n, p) for p in st.skip)  # noqa: E731
+    extra = [n for n in linears if not hit(n) and hit(official_linear_name(lm.kind, n, lm.model))]
+    if _is_internlm2(lm):
+        for i in range(len(lm.model.language_model.model.layers)):
+            names = [f"language_model.model.layers.{i}.self_attn.{p}_proj" for p in "qkv"]
+            if any(hit(n) or n in extra for n in names):
+                extra += [n for n in names if not hit(n) and n not in extra]
     return tuple(st.skip) + tuple(extra)
 
 
@@ -205,35 +208,49 @@ def validate(rc: RunConfig, lm: LoadedModel) -> list[str]:
     if st.fmt == "awq" and st.act_order and not st.static_groups:
         raise QuantizeError("--act-order with --format awq: AWQ GEMM has no g_idx; use --format gptq/gptq_v2 "
                             "(or add --static-groups)")
-    if rc.nsamples < 1 or rc.seqlen < 8:
-        raise QuantizeError("--nsamples must be >= 1 and --seqlen >= 8")
-    check_finite_weights(lm.model)
+    preflight.check_flags(nsamples=rc.nsamples, seqlen=rc.seqlen, calib_text=rc.calib_text,
+                          calib_images=rc.calib_images if "vision" in parts or lm.kind == "internvl_chat" else None)
+    preflight.check_out_vs_model(rc.out if rc.write else None, lm.src_dir)
+    everything = planned_linears(lm, available)
+    preflight.check_skip_patterns(st.skip, list(everything) +
+                                  [official_linear_name(lm.kind, n, lm.model) for n in everything])
+    st.skip = _expand_skips(lm, st, everything)
+    plan = planned_linears(lm, parts)
+    preflight.check_storable(plan, st, {n for n in plan if any(fnmatch.fnmatchcase(n, p) for p in st.skip)})
+    preflight.check_finite_weights(lm.model)
     return parts
 
 
-def check_finite_weights(model) -> None:
-    """Every floating parameter / buffer of ``model`` is finite, else :class:`QuantizeError` naming the tensors.
+def planned_linears(lm: LoadedModel, parts) -> dict:
+    """``{full in-memory name: nn.Linear}`` of every Linear the pipeline would quantize for ``parts``."""
+    from .blocks import adapter_for
 
-    Runs before any calibration: a NaN / Inf weight otherwise fails deep inside GPTQ / AWQ with a message that names
-    no layer, or (RTN + Inf) writes a folder with a zeroed group.
-    """
-    bad = []
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if t.is_floating_point() and t.numel() and t.device.type != "meta":
-            finite = torch.isfinite(t)
-            if not bool(finite.all()):
-                kinds = "/".join(k for k, f in (("NaN", torch.isnan), ("Inf", torch.isinf)) if bool(f(t).any()))
-                bad.append(f"{name} ({int((~finite).sum())} {kinds})")
-    if bad:
-        raise QuantizeError(f"--model: non-finite weights (NaN/Inf) in {len(bad)} tensor(s): "
-                            + ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else ""))
+    model, stacks = lm.model, []
+    if "vision" in parts and lm.kind in ("internvl_chat", "intern_vit"):
+        vit = model.vision_model if lm.kind == "internvl_chat" else model
+        stacks.append((vit.encoder.layers, "vision_model.encoder.layers" if lm.kind == "internvl_chat"
+                       else "encoder.layers"))
+    if "llm" in parts and lm.kind in ("internvl_chat", "llm"):
+        causal = model.language_model if lm.kind == "internvl_chat" else model
+        stacks.append((causal.model.layers, "language_model.model.layers" if lm.kind == "internvl_chat"
+                       else "model.layers"))
+    out = {}
+    for blocks, prefix in stacks:
+        for i, blk in enumerate(blocks):
+            try:
+                ad = adapter_for(blk)
+            except ValueError as e:
+                raise QuantizeError(f"{prefix}.{i}: {e}") from e
+            for n, lin in ad.linears().items():
+                out[f"{prefix}.{i}.{n}"] = lin
+    return out
+
 
 
 def run(rc: RunConfig, lm: LoadedModel, log=print) -> dict:
     """Quantize ``lm`` per ``rc``; write the checkpoint (if ``rc.out``) and return the report dict."""
     st = rc.settings
-    parts = validate(rc, lm)
-    st.skip = _expand_internlm2_skips(lm, st)
+    parts = validate(rc, lm)  # every check that needs no calibration, before any work
     if _is_internlm2(lm):  # q/k/v are written as one packed wqkv: one act-order column order for the three
         st.packed_linears = INTERNLM2_PACKED
     tmp = prepare_out(rc.out, rc.overwrite) if (rc.out and rc.write) else None
@@ -334,16 +351,25 @@ def run(rc: RunConfig, lm: LoadedModel, log=print) -> dict:
             t0 = time.perf_counter()
             from .writer import write_checkpoint
 
-            write_checkpoint(tmp, lm.kind, model, _raw_config(lm), res.results, qconfig, lm.src_dir,
-                                     lm.tokenizer if lm.src_dir is None else None, rc.max_shard_size)
+            try:
+                write_checkpoint(tmp, lm.kind, model, _raw_config(lm), res.results, qconfig, lm.src_dir,
+                                 lm.tokenizer if lm.src_dir is None else None, rc.max_shard_size)
+            except Exception as e:  # disk full / quota / I/O error (safetensors raises its own SafetensorError)
+                err = _write_error(e, rc.out)
+                if err is e:
+                    raise
+                raise err from e
             report["metrics"]["seconds_write"] = round(time.perf_counter() - t0, 2)
             report["metrics"]["seconds_total"] = round(time.perf_counter() - t_start, 2)
             report["out"] = os.path.abspath(rc.out)
             # every file of the folder (the tokenizer's and config files included), the report itself too
             report["files"] = sorted(set(os.listdir(tmp)) | {"quant_report.json"})
-            with open(os.path.join(tmp, "quant_report.json"), "w", encoding="utf-8") as f:
-                json.dump(_jsonable(report), f, indent=2)
-            commit_out(tmp, rc.out)
+            try:
+                with open(os.path.join(tmp, "quant_report.json"), "w", encoding="utf-8") as f:
+                    json.dump(_jsonable(report), f, indent=2)
+                commit_out(tmp, rc.out)
+            except OSError as e:
+                raise _write_error(e, rc.out) from e  # always a QuantizeError for an OSError
             tmp = None
         else:
             report["metrics"]["seconds_total"] = round(time.perf_counter() - t_start, 2)
@@ -351,6 +377,24 @@ def run(rc: RunConfig, lm: LoadedModel, log=print) -> dict:
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_error(e: Exception, out: str) -> Exception:
+    """An I/O failure while writing ``--out`` → :class:`QuantizeError` (one line, the temporary folder is removed by
+    the caller); anything else is re-raised as it is (a bug, with its traceback)."""
+    import errno
+
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover
+        SafetensorError = OSError
+    if isinstance(e, OSError):
+        why = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+    elif isinstance(e, SafetensorError):
+        why = str(e)
+    else:
+        return e
+    return QuantizeError(f"--out: writing {os.path.abspath(out)} failed ({why}); nothing was written")
 
 
 def _raw_config(lm: LoadedModel) -> dict:
