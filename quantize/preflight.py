@@ -11,7 +11,10 @@ import os
 
 from .errors import QuantizeError
 
-__all__ = ["check_flags", "check_out_vs_model", "check_skip_patterns", "check_storable", "check_finite_weights"]
+__all__ = ["check_flags", "check_out_vs_model", "check_skip_patterns", "check_storable", "check_finite_weights",
+           "check_scale_range"]
+
+FP16_MAX = 65504.0
 
 
 def check_flags(*, nsamples: int | None, seqlen: int | None, calib_text: str | None, calib_images: str | None,
@@ -106,3 +109,21 @@ def check_finite_weights(model) -> None:
     if bad:
         raise QuantizeError(f"--model: non-finite weights (NaN/Inf) in {len(bad)} tensor(s): "
                             + ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else ""))
+
+
+def check_scale_range(linears: dict, st, skipped) -> None:
+    """Scales are stored in fp16: a Linear whose weights span more than ``65504 * (2**bits - 1)`` cannot be stored
+    (its scale would overflow to Inf). Named before any work instead of failing at pack time."""
+    limit = FP16_MAX * (2 ** st.bits - 1)
+    bad = []
+    for name, lin in linears.items():
+        if name in skipped or lin.weight.device.type == "meta":
+            continue
+        w = lin.weight.detach()
+        span = float(w.max()) - float(w.min()) if st.group_size == -1 or not st.sym else 2 * float(w.abs().max())
+        if span > limit:
+            bad.append(f"{name} (weights span {span:.6g})")
+    if bad:
+        raise QuantizeError(f"weights too large for fp16 scales at --bits {st.bits} (span > {limit:.6g}): "
+                            + ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "") +
+                            "; keep them 16-bit with --skip")

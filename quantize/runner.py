@@ -216,8 +216,10 @@ def validate(rc: RunConfig, lm: LoadedModel) -> list[str]:
                                   [official_linear_name(lm.kind, n, lm.model) for n in everything])
     st.skip = _expand_skips(lm, st, everything)
     plan = planned_linears(lm, parts)
-    preflight.check_storable(plan, st, {n for n in plan if any(fnmatch.fnmatchcase(n, p) for p in st.skip)})
+    skipped = {n for n in plan if any(fnmatch.fnmatchcase(n, p) for p in st.skip)}
+    preflight.check_storable(plan, st, skipped)
     preflight.check_finite_weights(lm.model)
+    preflight.check_scale_range(plan, st, skipped)
     return parts
 
 

@@ -98,3 +98,17 @@ def test_finite_checkpoint_still_loads(tmp_path):
     sd = load_state_dict(src)
     assert all(torch.isfinite(t).all() for t in sd.values() if t.is_floating_point())
     InternVLChatModel.from_pretrained(src)
+
+
+@pytest.mark.parametrize("method,fmt", [("rtn", "gptq_v2"), ("gptq", "gptq")])
+def test_weight_too_large_for_fp16_scales_is_named_before_work(tmp_path, method, fmt):
+    model, tok = build_model("v1.2", seed=1)
+    with torch.no_grad():
+        model.get_parameter(POISONED).view(-1)[5] = 2.0e6  # finite, but its group's fp16 scale would overflow
+    lm = runner.LoadedModel("internvl_chat", model, model.config.to_dict(), tok, None, "tiny")
+    st = QuantSettings(method=method, bits=4, group_size=32, fmt=fmt, progress=False)
+    rc = runner.RunConfig(settings=st, nsamples=2, seqlen=16, eval_windows=1, eval_images=1, max_calib_images=1,
+                          mm_samples=0, out=str(tmp_path / "q"))
+    with pytest.raises(runner.QuantizeError, match=r"fp16 scales.*language_model\.model\.layers\.1\.mlp\.down_proj"):
+        runner.run(rc, lm, log=lambda *a, **k: None)
+    assert not (tmp_path / "q").exists()
