@@ -24,8 +24,6 @@ from .pipeline import (PipelineResult, QuantSettings, Stream, llm_streams, perpl
 __all__ = ["RunConfig", "LoadedModel", "load_model", "run", "QuantizeError"]
 
 
-
-
 @dataclass
 class RunConfig:
     settings: QuantSettings
@@ -246,7 +244,6 @@ def planned_linears(lm: LoadedModel, parts) -> dict:
             for n, lin in ad.linears().items():
                 out[f"{prefix}.{i}.{n}"] = lin
     return out
-
 
 
 def run(rc: RunConfig, lm: LoadedModel, log=print) -> dict:

@@ -4,7 +4,6 @@ with one shared column order, so the merged ``wqkv`` has one ``g_idx`` and the r
 import json
 import os
 
-import pytest
 import torch
 
 from internvl_kernels.model import InternVLChatModel

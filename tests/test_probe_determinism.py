@@ -10,10 +10,10 @@ import struct
 import subprocess
 import sys
 
+import torch
+
 from internvl_kernels.model.loading import save_state_dict
 from internvl_kernels.model.testing import write_checkpoint
-
-import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXCLUDED = {"quant_report.json"}  # timings and peak memory

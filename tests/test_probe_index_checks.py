@@ -1,7 +1,6 @@
 """``g_idx`` values outside ``[0, groups)`` are refused by every quant_matmul path (public function, the custom op
 called directly, the Triton and CUDA implementations) as by the eager reference — never read out of bounds — and the
 quantized loader names the layer whose ``g_idx`` is bad."""
-import json
 import os
 
 import pytest

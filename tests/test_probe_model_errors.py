@@ -13,7 +13,7 @@ from internvl_kernels.model import (CheckpointError, InternVisionModel, InternVL
                                     load_image)
 from internvl_kernels.model import functional as F_ref
 from internvl_kernels.model.configuration import UnsupportedConfigError
-from internvl_kernels.model.testing import build_model, write_checkpoint, write_vision_checkpoint
+from internvl_kernels.model.testing import build_model, write_checkpoint
 from internvl_kernels.ops import pixel_shuffle
 from internvl_kernels.quant import load_quantized_llm
 
