@@ -154,7 +154,10 @@ def test_sigint_during_import_exits_130_without_traceback(ckpt, tmp_path):
         time.sleep(delay)
         p.send_signal(signal.SIGINT)
         out, err = p.communicate(timeout=120)
-        assert p.returncode == 130, (delay, p.returncode, err[-2000:])
+        # 130 from the CLI's handler; -SIGINT when the interrupt landed inside code that CPython ran through its
+        # own PyRun_* entry point during the torch import: CPython then ends the process by re-raising SIGINT
+        # after our handler ran. A shell reports both as exit status 130.
+        assert p.returncode in (130, -signal.SIGINT), (delay, p.returncode, err[-2000:])
         assert "Traceback" not in err, err[-2000:]
         assert err.strip().splitlines()[-1] == "interrupted; nothing was written" and \
             len(err.strip().splitlines()) == 1, err

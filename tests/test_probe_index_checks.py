@@ -91,3 +91,23 @@ def test_loader_names_the_layer_with_bad_g_idx(tmp_path, capsys):
         raise AssertionError(f"{key} not written")
     with pytest.raises(CheckpointError, match=r"language_model\.model\.layers\.1\.mlp\.down_proj.*g_idx.*99"):
         InternVLChatModel.from_pretrained(q)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda", "auto"])
+@pytest.mark.parametrize("value", [99, -1])
+def test_gpu_paths_refuse_out_of_range_g_idx(packed, backend, value):
+    """On a GPU: the Triton kernel and the CUDA extension (where built; else its fallback) never see a bad g_idx."""
+    x, t = packed
+    x = x.cuda().half()
+    t = {k: v.cuda() for k, v in t.items()}
+    g = _bad(t, value)
+    with internvl_kernels.backend(backend):
+        with pytest.raises(ValueError, match=r"g_idx.*\[0, 2\)"):
+            torch.ops.internvl_kernels.quant_matmul(*_args(x, t, g), None, 4, GS, "gptq")
+        ok = t["g_idx"].flip(0).contiguous()
+        y = torch.ops.internvl_kernels.quant_matmul(*_args(x, t, ok), None, 4, GS, "gptq")
+    with internvl_kernels.backend("eager"):
+        ref = quant_matmul(*_args(x.cpu().float(), {k: v.cpu() for k, v in t.items()}, ok.cpu()), bits=4,
+                           group_size=GS, layout="gptq")
+    torch.testing.assert_close(y.float().cpu(), ref, rtol=2e-2, atol=2e-2)
