@@ -154,9 +154,9 @@ def test_sigint_during_import_exits_130_without_traceback(ckpt, tmp_path):
         time.sleep(delay)
         p.send_signal(signal.SIGINT)
         out, err = p.communicate(timeout=120)
-        # 130 from the CLI's handler; -SIGINT when the interrupt landed inside code that CPython ran through its
-        # own PyRun_* entry point during the torch import: CPython then ends the process by re-raising SIGINT
-        # after our handler ran. A shell reports both as exit status 130.
+        # 130 from the CLI's handler, or death by SIGINT (seen once under heavy load, after the handler printed its
+        # line; likely CPython re-raising an interrupt that landed in code it ran during the torch import).
+        # A shell reports both as exit status 130.
         assert p.returncode in (130, -signal.SIGINT), (delay, p.returncode, err[-2000:])
         assert "Traceback" not in err, err[-2000:]
         assert err.strip().splitlines()[-1] == "interrupted; nothing was written" and \
