@@ -1,7 +1,12 @@
 """``python -m quantize`` — see :mod:`quantize.cli` (``python -m quantize --help``)."""
 import sys
 
-from quantize.cli import main
-
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        from quantize.cli import main
+
+        code = main()
+    except KeyboardInterrupt:  # Ctrl-C before main() took over (main itself reports one line and returns 130)
+        print("interrupted; nothing was written", file=sys.stderr)
+        code = 130
+    sys.exit(code)

@@ -111,7 +111,33 @@ def main(argv=None) -> int:
         return 130
 
 
+def _early_checks(args) -> str | None:
+    """Flags and paths judged before torch is imported or the model loaded (seconds, not minutes, to an error).
+    Returns the error message, or None."""
+    from .errors import QuantizeError
+    from .preflight import check_flags, check_out_vs_model
+
+    parts = tuple(p.strip() for p in args.parts.split(",") if p.strip()) if args.parts else None
+    try:
+        check_flags(nsamples=args.nsamples, seqlen=args.seqlen, calib_text=args.calib_text,
+                    calib_images=args.calib_images, parts=parts)
+        if args.model is not None:
+            gs = args.group_size if args.group_size is not None else 128
+            check_out_vs_model(args.out or _default_out(args.model, args.method, args.bits, gs), args.model)
+    except QuantizeError as e:
+        return str(e)
+    return None
+
+
+def _default_out(model: str, method: str, bits: int, gs: int) -> str:
+    return os.path.join(".", f"{os.path.basename(os.path.normpath(model))}-{method}-w{bits}g{gs}")
+
+
 def _main(args) -> int:
+    err = _early_checks(args)
+    if err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     import torch
 
     from .calib import CalibrationError
@@ -164,8 +190,7 @@ def _main(args) -> int:
             out = args.out or d["out"]
         else:
             lm = load_model(args.model, dtype)
-            out = args.out or os.path.join(".", f"{os.path.basename(os.path.normpath(args.model))}-{args.method}"
-                                                f"-w{args.bits}g{gs}")
+            out = args.out or _default_out(args.model, args.method, args.bits, gs)
         rc = RunConfig(settings=st, parts=parts, nsamples=pick(args.nsamples, "nsamples"),
                        seqlen=pick(args.seqlen, "seqlen"), calib_images=args.calib_images, calib_text=args.calib_text,
                        max_calib_images=pick(args.max_calib_images, "max_calib_images"),

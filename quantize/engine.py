@@ -32,7 +32,7 @@ from internvl_kernels.quant import formats
 
 from .awq import awq_finalize, search_clip, search_scale
 from .blocks import adapter_for, fold_scale
-from .gptq import Hessian, gptq_quantize
+from .gptq import Hessian, gptq_quantize, shared_act_order
 from .result import QuantResult
 from .metrics import sqnr_db
 from .rtn import check_bits_group, rtn_quantize
@@ -60,6 +60,9 @@ class QuantSettings:
     skip_first_tokens: int = 0
     sink_weight: float = 1.0  # GPTQ: weight of each sequence's first token in the k/v projections' Hessians  # leave the first token(s) of every sequence out of the GPTQ Hessians
     progress: bool = True
+    # Linears (block-relative names) stored as ONE packed tensor (InternLM2's wqkv): with act-order they share one
+    # column order, hence one g_idx (set by the runner for InternLM2 LLMs)
+    packed_linears: tuple = ()
 
     @property
     def min_zero(self) -> int:
@@ -196,12 +199,14 @@ def _gptq_block(ad, prefix, calib, st, res, todo):
         finally:
             for h in handles:
                 h.remove()
+        shared = [n for n in names if n in st.packed_linears]
+        perm = shared_act_order([hs[n].H for n in shared]) if st.act_order and len(shared) > 1 else None
         for n in names:
             lin = todo[n]
             t0 = time.perf_counter()
             w = lin.weight.data
             r = gptq_quantize(w, hs[n].H, st.bits, st.group_size, st.sym, st.act_order, st.static_groups, st.damp,
-                              st.blocksize, st.min_zero, st.mse)
+                              st.blocksize, st.min_zero, st.mse, perm=perm if n in shared else None)
             _finish(res, prefix, n, lin, r, hs[n].H / 2, w.clone(), time.perf_counter() - t0)
             del hs[n]
 

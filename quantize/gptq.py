@@ -72,18 +72,33 @@ def damped_inverse_cholesky(H: torch.Tensor, damp: float = 0.01, max_tries: int 
 
 def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bool = False,
                   act_order: bool = False, static_groups: bool = False, damp: float = 0.01, blocksize: int = 128,
-                  min_zero: int = 0, mse: bool = False) -> QuantResult:
+                  min_zero: int = 0, mse: bool = False, perm: torch.Tensor | None = None) -> QuantResult:
     """GPTQ one Linear ``weight [out, in]`` given its Hessian ``H [in, in]`` (fp32; not modified).
+
+    ``perm`` (with ``act_order``): the column order to use instead of ``argsort(diag H)`` — Linears that are stored
+    as one packed tensor (InternLM2's ``wqkv``) share one order, so they share one ``g_idx``
+    (see :func:`shared_act_order`).
 
     ``mse``: fit each group's range by AutoGPTQ's MSE grid search (:func:`quantize.rtn.fit_params_mse`) instead of
     plain min/max.
     """
     with single_thread_on_cpu(weight.device):
         return _gptq_quantize(weight, H, bits, group_size, sym, act_order, static_groups, damp, blocksize, min_zero,
-                              mse)
+                              mse, perm)
 
 
-def _gptq_quantize(weight, H, bits, group_size, sym, act_order, static_groups, damp, blocksize, min_zero, mse=False):
+def shared_act_order(hessians) -> torch.Tensor:
+    """One act-order column order for Linears that read the same input and are stored packed: descending diagonal
+    of the summed Hessians (the Hessian of the merged Linear when they are equal)."""
+    d = None
+    for H in hessians:
+        h = torch.diag(H).to(torch.float64)
+        d = h if d is None else d + h.to(d.device)
+    return torch.argsort(d, descending=True, stable=True)
+
+
+def _gptq_quantize(weight, H, bits, group_size, sym, act_order, static_groups, damp, blocksize, min_zero, mse=False,
+                   perm_in=None):
     if mse:
         def fit_params(w, bits, sym, style, min_zero):  # noqa: F811 - the MSE variant for every group fit
             return fit_params_mse(w, bits, sym, min_zero)
@@ -111,7 +126,12 @@ def _gptq_quantize(weight, H, bits, group_size, sym, act_order, static_groups, d
 
     perm = None
     if act_order:
-        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+        if perm_in is not None:
+            perm = perm_in.to(dev, torch.long)
+            if perm.shape != (in_f,) or not torch.equal(torch.sort(perm).values, torch.arange(in_f, device=dev)):
+                raise ValueError(f"GPTQ: perm must be a permutation of range({in_f})")
+        else:
+            perm = torch.argsort(torch.diag(H), descending=True, stable=True)
         W = W[:, perm]
         H = H[perm][:, perm]
 

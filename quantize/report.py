@@ -1,11 +1,22 @@
 """Human-readable summary of a quantization report (the JSON is saved as ``quant_report.json``)."""
 from __future__ import annotations
 
+import math
+
 
 def _fmt(v, spec=".4f"):
+    """A figure as text: ``-`` for None; non-finite values (``inf``/``nan`` floats, or the strings the JSON report
+    holds for them) as ``inf`` / ``-inf`` / ``nan``; other numbers with ``spec``."""
     if v is None:
         return "-"
-    if isinstance(v, float):
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, (int, float)):
+        v = float(v)
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
         return format(v, spec)
     return str(v)
 
@@ -31,10 +42,10 @@ def format_report(rep: dict, max_layers: int = 12) -> str:
                      + (f" + {c['image_text_samples']} image+text chat samples" if c.get("image_text_samples") else ""))
     lines.append("-" * 78)
     if "vit_feature_sqnr_db" in m:
-        lines.append(f"ViT feature SQNR on held-out images ({m.get('vit_feature')}): {m['vit_feature_sqnr_db']:.2f} dB")
+        lines.append(f"ViT feature SQNR on held-out images ({m.get('vit_feature')}): {_fmt(m['vit_feature_sqnr_db'], '.2f')} dB")
     if "llm_ppl_float" in m:
-        lines.append(f"LLM perplexity on held-out text ({m['llm_ppl_protocol']}): float {m['llm_ppl_float']:.3f} → "
-                     f"quantized {m['llm_ppl_quant']:.3f}")
+        lines.append(f"LLM perplexity on held-out text ({m['llm_ppl_protocol']}): float {_fmt(m['llm_ppl_float'], '.3f')} → "
+                     f"quantized {_fmt(m['llm_ppl_quant'], '.3f')}")
     layers = rep.get("layers", [])
     lines.append(f"quantized Linears: {m.get('quantized_linears', 0)}; skipped (kept 16-bit): "
                  f"{len(rep.get('skipped', {}))}; mean output relative error: {_fmt(m.get('mean_output_rel_err'))}")
@@ -48,6 +59,6 @@ def format_report(rep: dict, max_layers: int = 12) -> str:
     mem = ", ".join(f"{k} {v}" for k, v in m.items() if "peak" in k)
     lines.append(f"time: quantize {m.get('seconds_quantize')} s, total {m.get('seconds_total')} s; peak memory: {mem}")
     if rep.get("out"):
-        lines.append(f"wrote {rep['out']} ({len(rep.get('files', []))} files) + quant_report.json")
+        lines.append(f"wrote {rep['out']} ({len(rep.get('files', []))} files)")
     lines.append("=" * 78)
     return "\n".join(lines)

@@ -17,12 +17,11 @@ import torch
 from internvl_kernels.quant import formats
 from .engine import PipelineResult, QuantSettings
 from .parts import PartContext, parts_of
+from . import preflight
+from .errors import QuantizeError
+from .writer import official_linear_name
 
 __all__ = ["RunConfig", "LoadedModel", "load_model", "run", "QuantizeError"]
-
-
-class QuantizeError(RuntimeError):
-    """A user-facing error of ``python -m quantize`` (printed without a traceback, exit code 2)."""
 
 
 @dataclass
@@ -155,33 +154,31 @@ def _peak_memory(device) -> dict:
 
 
 # Linears a consumer loads as one fused module (vLLM: QKVParallelLinear / MergedColumnParallelLinear — "some but not
-# all shards" is refused): --skip of any member keeps the whole group 16-bit. Phi-3 stores them packed already.
+# all shards" is refused; InternLM2 stores q/k/v as one wqkv): --skip of any member keeps the whole group 16-bit.
+# Phi-3 stores them packed already.
 _FUSED_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
+INTERNLM2_PACKED = _FUSED_GROUPS[0]
 
 
-def _expand_fused_skips(lm: LoadedModel, st: QuantSettings) -> tuple:
-    """--skip patterns + every fused-group partner of a skipped LLM Linear (q/k/v, gate/up). InternLM2's packed
-    ``attention.wqkv`` / ``feed_forward.w1|w3`` (the checkpoint names) match too."""
-    if not st.skip or lm.kind not in ("internvl_chat", "llm"):
+def _is_internlm2(lm: LoadedModel) -> bool:
+    return lm.kind == "internvl_chat" and lm.model.config.llm_architecture == "InternLM2ForCausalLM"
+
+
+def _expand_skips(lm: LoadedModel, st: QuantSettings, linears) -> tuple:
+    """``--skip`` patterns match in-memory or official checkpoint names (InternLM2: ``attention.wqkv``,
+    ``feed_forward.w1``, ...); the Linears matched through an official name, and every fused-group partner (q/k/v,
+    gate/up) of a skipped Linear, are added by name."""
+    if not st.skip:
         return tuple(st.skip)
-    model = lm.model.language_model if lm.kind == "internvl_chat" else lm.model
-    prefix = "language_model.model.layers" if lm.kind == "internvl_chat" else "model.layers"
-    internlm2 = lm.kind == "internvl_chat" and lm.model.config.llm_architecture == "InternLM2ForCausalLM"
-    aliases = {"self_attn.q_proj": "attention.wqkv", "self_attn.k_proj": "attention.wqkv",
-               "self_attn.v_proj": "attention.wqkv", "mlp.gate_proj": "feed_forward.w1",
-               "mlp.up_proj": "feed_forward.w3"}
-    extra = []
-    for i, layer in enumerate(model.model.layers):
-        present = {n for n, _ in layer.named_modules()}
+    hit = lambda n: any(fnmatch.fnmatchcase(n, p) for p in st.skip)  # noqa: E731
+    skipped = {n for n in linears if hit(n) or hit(official_linear_name(lm.kind, n, lm.model))}
+    for n in list(skipped):
         for group in _FUSED_GROUPS:
-            if not set(group) <= present:
-                continue
-            names = [f"{prefix}.{i}.{g}" for g in group]
-            if internlm2:
-                names += [f"{prefix}.{i}.{aliases[g]}" for g in group]
-            if any(fnmatch.fnmatchcase(n, p) for n in names for p in st.skip):
-                extra += [f"{prefix}.{i}.{g}" for g in group]
-    return tuple(st.skip) + tuple(e for e in extra if e not in st.skip)
+            for member in group:
+                if n.endswith("." + member):
+                    base = n[: -len(member)]
+                    skipped.update(base + m for m in group if base + m in linears)
+    return tuple(st.skip) + tuple(n for n in linears if n in skipped and not hit(n))
 
 
 def validate(rc: RunConfig, lm: LoadedModel) -> list[str]:
@@ -200,16 +197,52 @@ def validate(rc: RunConfig, lm: LoadedModel) -> list[str]:
     if not fmt.has_g_idx and st.act_order and not st.static_groups:
         raise QuantizeError("--act-order with --format awq: AWQ GEMM has no g_idx; use --format gptq/gptq_v2 "
                             "(or add --static-groups)")
-    if rc.nsamples < 1 or rc.seqlen < 8:
-        raise QuantizeError("--nsamples must be >= 1 and --seqlen >= 8")
+    preflight.check_flags(nsamples=rc.nsamples, seqlen=rc.seqlen, calib_text=rc.calib_text,
+                          calib_images=rc.calib_images if "vision" in parts or lm.kind == "internvl_chat" else None)
+    preflight.check_out_vs_model(rc.out if rc.write else None, lm.src_dir)
+    everything = planned_linears(lm, available)
+    preflight.check_skip_patterns(st.skip, list(everything) +
+                                  [official_linear_name(lm.kind, n, lm.model) for n in everything])
+    st.skip = _expand_skips(lm, st, everything)
+    plan = planned_linears(lm, parts)
+    skipped = {n for n in plan if any(fnmatch.fnmatchcase(n, p) for p in st.skip)}
+    preflight.check_storable(plan, st, skipped)
+    preflight.check_finite_weights(lm.model)
+    preflight.check_scale_range(plan, st, skipped)
     return parts
+
+
+def planned_linears(lm: LoadedModel, parts) -> dict:
+    """``{full in-memory name: nn.Linear}`` of every Linear the pipeline would quantize for ``parts``."""
+    from .blocks import adapter_for
+
+    model, stacks = lm.model, []
+    if "vision" in parts and lm.kind in ("internvl_chat", "intern_vit"):
+        vit = model.vision_model if lm.kind == "internvl_chat" else model
+        stacks.append((vit.encoder.layers, "vision_model.encoder.layers" if lm.kind == "internvl_chat"
+                       else "encoder.layers"))
+    if "llm" in parts and lm.kind in ("internvl_chat", "llm"):
+        causal = model.language_model if lm.kind == "internvl_chat" else model
+        stacks.append((causal.model.layers, "language_model.model.layers" if lm.kind == "internvl_chat"
+                       else "model.layers"))
+    out = {}
+    for blocks, prefix in stacks:
+        for i, blk in enumerate(blocks):
+            try:
+                ad = adapter_for(blk)
+            except ValueError as e:
+                raise QuantizeError(f"{prefix}.{i}: {e}") from e
+            for n, lin in ad.linears().items():
+                out[f"{prefix}.{i}.{n}"] = lin
+    return out
 
 
 def run(rc: RunConfig, lm: LoadedModel, log=print) -> dict:
     """Quantize ``lm`` per ``rc``; write the checkpoint (if ``rc.out``) and return the report dict."""
     st = rc.settings
-    parts = validate(rc, lm)
-    st.skip = _expand_fused_skips(lm, st)
+    parts = validate(rc, lm)  # every check that needs no calibration, before any work
+    if _is_internlm2(lm):  # q/k/v are written as one packed wqkv: one act-order column order for the three
+        st.packed_linears = INTERNLM2_PACKED
     tmp = prepare_out(rc.out, rc.overwrite) if (rc.out and rc.write) else None
     t_start = time.perf_counter()
     if str(st.device).startswith("cuda"):
@@ -252,15 +285,25 @@ def run(rc: RunConfig, lm: LoadedModel, log=print) -> dict:
             t0 = time.perf_counter()
             from .writer import write_checkpoint
 
-            files = write_checkpoint(tmp, lm.kind, model, _raw_config(lm), res.results, qconfig, lm.src_dir,
-                                     lm.tokenizer if lm.src_dir is None else None, rc.max_shard_size)
+            try:
+                write_checkpoint(tmp, lm.kind, model, _raw_config(lm), res.results, qconfig, lm.src_dir,
+                                 lm.tokenizer if lm.src_dir is None else None, rc.max_shard_size)
+            except Exception as e:  # disk full / quota / I/O error (safetensors raises its own SafetensorError)
+                err = _write_error(e, rc.out)
+                if err is e:
+                    raise
+                raise err from e
             report["metrics"]["seconds_write"] = round(time.perf_counter() - t0, 2)
             report["metrics"]["seconds_total"] = round(time.perf_counter() - t_start, 2)
             report["out"] = os.path.abspath(rc.out)
-            report["files"] = sorted(files)
-            with open(os.path.join(tmp, "quant_report.json"), "w", encoding="utf-8") as f:
-                json.dump(_jsonable(report), f, indent=2)
-            commit_out(tmp, rc.out)
+            # every file of the folder (the tokenizer's and config files included), the report itself too
+            report["files"] = sorted(set(os.listdir(tmp)) | {"quant_report.json"})
+            try:
+                with open(os.path.join(tmp, "quant_report.json"), "w", encoding="utf-8") as f:
+                    json.dump(_jsonable(report), f, indent=2)
+                commit_out(tmp, rc.out)
+            except OSError as e:
+                raise _write_error(e, rc.out) from e  # always a QuantizeError for an OSError
             tmp = None
         else:
             report["metrics"]["seconds_total"] = round(time.perf_counter() - t_start, 2)
@@ -268,6 +311,24 @@ def run(rc: RunConfig, lm: LoadedModel, log=print) -> dict:
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_error(e: Exception, out: str) -> Exception:
+    """An I/O failure while writing ``--out`` → :class:`QuantizeError` (one line, the temporary folder is removed by
+    the caller); anything else is re-raised as it is (a bug, with its traceback)."""
+    import errno
+
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover
+        SafetensorError = OSError
+    if isinstance(e, OSError):
+        why = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+    elif isinstance(e, SafetensorError):
+        why = str(e)
+    else:
+        return e
+    return QuantizeError(f"--out: writing {os.path.abspath(out)} failed ({why}); nothing was written")
 
 
 def _raw_config(lm: LoadedModel) -> dict:

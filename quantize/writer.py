@@ -17,7 +17,7 @@ import re
 from internvl_kernels.checkpoint import internlm2
 from internvl_kernels.checkpoint.files import save_state_dict
 
-__all__ = ["official_name_map", "build_state_dict", "write_checkpoint"]
+__all__ = ["official_linear_name", "build_state_dict", "write_checkpoint", "copy_other_files"]
 
 
 def official_linear_name(kind: str, name: str, model) -> str:

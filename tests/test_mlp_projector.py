@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _kernel_utils import DTYPE_IDS, DTYPES, assert_flash_rule, run_eager, run_kernel
+from _kernel_utils import DTYPE_IDS, DTYPES, NORM_TOL, assert_close, assert_flash_rule, run_eager, run_kernel
 from _parity import ALL, IDS, gpu_backend, parity_run, require_cuda_ext, rnd  # noqa: F401 (gpu_backend is a fixture)
 
 from internvl_kernels import ops

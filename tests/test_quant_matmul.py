@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from _parity import DEV, HALF, IDS, gpu_backend, parity_run, rnd  # noqa: F401 (gpu_backend is a fixture)
 
+from internvl_kernels import ops
+
 import internvl_kernels
 from internvl_kernels import _backend
 from internvl_kernels.ops import _common

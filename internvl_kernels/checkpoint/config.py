@@ -27,20 +27,23 @@ class UnsupportedConfigError(ValueError):
 def read_config(path: str, name: str = CONFIG_NAME) -> dict[str, Any]:
     """``config.json`` of a folder (or the JSON file ``path`` itself) as a dict.
 
-    Raises ``FileNotFoundError`` naming the path when it is missing and :class:`CheckpointError` (a ``ValueError``)
-    naming it when it is not valid JSON or not a JSON object."""
+    Raises ``FileNotFoundError`` naming the folder when it does not exist, and :class:`CheckpointError` (a
+    ``ValueError``) naming the file when it is missing from an existing folder, unreadable, not valid (UTF-8) JSON or
+    not a JSON object."""
     file = os.path.join(path, name) if os.path.isdir(path) else path
     if not os.path.isfile(file):
         if not os.path.exists(path):
             raise FileNotFoundError(f"model folder not found: {path}")
-        raise FileNotFoundError(f"config file not found: {file}")
+        raise CheckpointError(f"config file not found: {file}")
     try:
         with open(file, encoding="utf-8") as f:
             raw = json.load(f)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{file} is not valid JSON: {e}") from e
+    except OSError as e:
+        raise CheckpointError(f"cannot read {file}: {e.strerror or e}") from e
     if not isinstance(raw, dict):
-        raise CheckpointError(f"{file} must hold a JSON object, got {type(raw).__name__}")
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(raw).__name__}")
     return raw
 
 

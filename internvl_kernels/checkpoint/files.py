@@ -23,42 +23,85 @@ class CheckpointError(ValueError):
     """A checkpoint folder that is missing files, corrupt, or does not match the model (named in the message)."""
 
 
-def checkpoint_files(folder: str) -> list[str]:
-    """The weight files of ``folder`` in index order."""
+def _read_index(index_path: str) -> dict:
+    """``weight_map`` of an index file, validated: a JSON object ``{tensor name: shard file name}``."""
+    try:
+        with open(index_path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise CheckpointError(f"cannot read {index_path}: {e.strerror or e}") from e
+    try:
+        index = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{index_path} is not a valid index file ({e})") from e
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise CheckpointError(f"{index_path} is not a valid index file (expected a non-empty 'weight_map' object "
+                              "of tensor name -> shard file name)")
+    for name in set(weight_map.values()):
+        if not name or os.path.basename(name) != name or name in (".", ".."):
+            raise CheckpointError(f"{index_path}: shard name {name!r} is not a file name inside the folder")
+    return weight_map
+
+
+def _checkpoint_plan(folder: str) -> tuple[list[str], dict | None]:
+    """The weight files of ``folder`` in index order, and the index's ``weight_map`` (``None`` without index)."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"checkpoint folder not found: {folder}")
     for index_name in (SAFE_INDEX, BIN_INDEX):
         index_path = os.path.join(folder, index_name)
         if os.path.isfile(index_path):
-            try:
-                with open(index_path, encoding="utf-8") as f:
-                    weight_map = json.load(f)["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"{index_path} is not a valid index file ({e})") from e
+            weight_map = _read_index(index_path)
             files = list(OrderedDict.fromkeys(weight_map.values()))
             missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
             if missing:
                 raise CheckpointError(f"{folder}: shard(s) listed in {index_name} are missing: {missing}")
-            return [os.path.join(folder, f) for f in files]
+            return [os.path.join(folder, f) for f in files], weight_map
     for single in (SAFE_SINGLE, BIN_SINGLE):
         if os.path.isfile(os.path.join(folder, single)):
-            return [os.path.join(folder, single)]
+            return [os.path.join(folder, single)], None
     raise CheckpointError(
         f"{folder}: no weights found (expected {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX})"
     )
+
+
+def checkpoint_files(folder: str) -> list[str]:
+    """The weight files of ``folder`` in index order."""
+    return _checkpoint_plan(folder)[0]
+
+
+def _check_shard_keys(path: str, keys, weight_map: dict | None) -> None:
+    """With an index, a shard holds exactly the tensors the index assigns to it (a corrupt header or index that
+    renames, drops or adds a tensor is an error, not a silently different state dict)."""
+    if weight_map is None:
+        return
+    name = os.path.basename(path)
+    want = {k for k, v in weight_map.items() if v == name}
+    got = set(keys)
+    if got != want:
+        missing, extra = sorted(want - got), sorted(got - want)
+        raise CheckpointError(f"{path} does not match the index: "
+                              + "; ".join(p for p in (f"missing {_abbrev(missing)}" if missing else "",
+                                                      f"not in the index {_abbrev(extra)}" if extra else "") if p))
 
 
 def iter_tensors(folder: str, dtype: torch.dtype | None = None, device=None):
     """Yield ``(key, tensor)`` for every tensor of the checkpoint (floating tensors cast to ``dtype`` if given).
 
     With ``device``, each tensor is moved there as it is read, so a large model never sits whole in host memory.
+    Every problem with the files (truncated / corrupt shard or index, tensors that do not match the index,
+    non-finite values) is a :class:`CheckpointError` naming the file.
     """
-    for path in checkpoint_files(folder):
+    files, weight_map = _checkpoint_plan(folder)
+    for path in files:
         if path.endswith(".safetensors"):
             try:
                 with safe_open(path, framework="pt") as f:
-                    for key in f.keys():
-                        yield key, _cast(f.get_tensor(key), dtype, device)
+                    keys = list(f.keys())
+                    _check_shard_keys(path, keys, weight_map)
+                    for key in keys:
+                        yield key, _cast(check_finite(f.get_tensor(key), key, path), dtype, device)
             except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
                 if isinstance(e, CheckpointError):
                     raise
@@ -68,8 +111,28 @@ def iter_tensors(folder: str, dtype: torch.dtype | None = None, device=None):
                 sd = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as e:
                 raise CheckpointError(f"cannot read {path}: {e}") from e
+            if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(t, torch.Tensor)
+                                                   for k, t in sd.items()):
+                raise CheckpointError(f"cannot read {path}: not a state dict of named tensors")
+            _check_shard_keys(path, sd.keys(), weight_map)
             for key, t in sd.items():
-                yield key, _cast(t, dtype, device)
+                yield key, _cast(check_finite(t, key, path), dtype, device)
+
+
+def check_finite(t: torch.Tensor, key: str, path: str) -> torch.Tensor:
+    """``t`` if it holds no NaN / Inf, else :class:`CheckpointError` naming the tensor and its file.
+
+    Every floating tensor is checked as it is read: a non-finite weight or scale would otherwise load silently and
+    only show as NaN logits / empty generations much later.
+    """
+    if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
+        finite = torch.isfinite(t)
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            kinds = "/".join(k for k, m in (("NaN", torch.isnan(t)), ("Inf", torch.isinf(t))) if bool(m.any()))
+            raise CheckpointError(f"{path}: tensor {key} has {bad} non-finite value(s) ({kinds}) in "
+                                  f"{tuple(t.shape)}; the checkpoint is corrupt or was saved from a diverged model")
+    return t
 
 
 def _cast(t: torch.Tensor, dtype, device=None):
@@ -85,6 +148,28 @@ def load_state_dict(folder: str, dtype: torch.dtype | None = None, device=None) 
     return dict(iter_tensors(folder, dtype, device))
 
 
+def _save_file_reproducible(tensors: dict, path: str, metadata: dict) -> None:
+    """``safetensors.torch.save_file`` with the header metadata in sorted key order.
+
+    The library serializes the metadata from a hash map whose order changes from process to process, so the same
+    tensors would give different bytes. The header is rewritten in place with the same content, metadata keys
+    sorted, padded with spaces to the same length (tensor entries and data untouched).
+    """
+    import struct
+
+    save_file(tensors, path, metadata=metadata)
+    with open(path, "r+b") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n).decode("utf-8"))
+        meta = header.pop("__metadata__", None)
+        fixed = ({"__metadata__": dict(sorted(meta.items()))} if meta is not None else {}) | header
+        raw = json.dumps(fixed, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(raw) > n:  # cannot happen for the same content; never write a header that overruns the data
+            raise RuntimeError(f"{path}: re-serialized safetensors header is longer than the original")
+        f.seek(8)
+        f.write(raw + b" " * (n - len(raw)))
+
+
 def save_state_dict(
     state_dict: dict[str, torch.Tensor],
     folder: str,
@@ -94,7 +179,7 @@ def save_state_dict(
     """Write ``state_dict`` as sharded safetensors + index exactly like ``save_pretrained`` does.
 
     One shard → ``model.safetensors``; more → ``model-0000k-of-0000n.safetensors`` + ``model.safetensors.index.json``.
-    Returns the written file names.
+    Returns the written file names. The same tensors and metadata always give the same bytes.
     """
     os.makedirs(folder, exist_ok=True)
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -108,13 +193,13 @@ def save_state_dict(
         size += nbytes
     meta = {"format": "pt", **(metadata or {})}
     if len(shards) == 1:
-        save_file(shards[0], os.path.join(folder, SAFE_SINGLE), metadata=meta)
+        _save_file_reproducible(shards[0], os.path.join(folder, SAFE_SINGLE), meta)
         return [SAFE_SINGLE]
     n = len(shards)
     names, weight_map, total = [], {}, 0
     for i, shard in enumerate(shards, 1):
         name = f"model-{i:05d}-of-{n:05d}.safetensors"
-        save_file(shard, os.path.join(folder, name), metadata=meta)
+        _save_file_reproducible(shard, os.path.join(folder, name), meta)
         names.append(name)
         for key, t in shard.items():
             weight_map[key] = name

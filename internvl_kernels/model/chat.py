@@ -160,6 +160,14 @@ class InternVLChatModel(nn.Module):
 
     def extract_feature(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Image tiles ``[T, 3, H, W]`` → image-token embeddings ``[T, num_image_token, H_llm]``."""
+        S, P = self.config.image_size, self.config.vision_config.patch_size
+        hw = tuple(pixel_values.shape[-2:])
+        if pixel_values.dim() == 4 and hw != (S, S) and not (hw[0] % P or hw[1] % P):  # other shapes: the ViT says
+            raise ValueError(
+                f"pixel_values must be tiles [T, 3, {S}, {S}] (this model's image size is {S} px, "
+                f"{self.num_image_token} image tokens per tile), got {tuple(pixel_values.shape)}; preprocess with "
+                f"load_image(image, input_size={S})"
+            )
         vit_embeds = self.vision_model.forward_features(pixel_values.to(self.dtype), self.select_layer)
         vit_embeds = vit_embeds[:, 1:, :]
         return self.pixel_shuffle_and_project(vit_embeds)

@@ -28,6 +28,62 @@ def supported_llms_text() -> str:
     return "; ".join(f"{k} ({v})" for k, v in SUPPORTED_LLMS.items())
 
 
+def _check_int(where: str, name: str, value, minimum: int | None = None) -> None:
+    """``value`` is an int (not a bool, not a string such as ``"-1"``) and ``>= minimum``, else a named error."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UnsupportedConfigError(f"{where}{name}={value!r}: must be an integer, got {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise UnsupportedConfigError(f"{where}{name}={value}: must be >= {minimum}")
+
+
+def _check_number(where: str, name: str, value, positive: bool = True) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UnsupportedConfigError(f"{where}{name}={value!r}: must be a number, got {type(value).__name__}")
+    if positive and not value > 0:
+        raise UnsupportedConfigError(f"{where}{name}={value}: must be > 0")
+
+
+def _check_types(obj, where: str, positive: tuple = (), non_negative: tuple = ()) -> None:
+    """The dataclass fields of ``obj`` have the declared JSON types (int / float / bool / str) before any arithmetic
+    uses them, so a wrong ``config.json`` gives a named error, not a TypeError / ZeroDivisionError deep inside."""
+    for f in dataclasses.fields(obj):
+        if f.name == "extra":
+            continue
+        v = getattr(obj, f.name)
+        t = str(f.type)
+        if t == "int":
+            _check_int(where, f.name, v, 1 if f.name in positive else 0 if f.name in non_negative else None)
+        elif t == "int | None":
+            if v is not None:
+                _check_int(where, f.name, v, 1 if f.name in positive else None)
+        elif t == "float":
+            _check_number(where, f.name, v, positive=f.name in positive)
+        elif t == "bool" and not isinstance(v, bool):
+            raise UnsupportedConfigError(f"{where}{f.name}={v!r}: must be true or false")
+        elif t == "str" and not isinstance(v, str):
+            raise UnsupportedConfigError(f"{where}{f.name}={v!r}: must be a string")
+
+
+LLM_POSITIVE_INTS = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size")
+
+
+def validate_llm_config(llm: dict, where: str = "llm_config.") -> None:
+    """The sizes the LLM is built from are positive integers and the head counts divide evenly (named errors)."""
+    if not isinstance(llm, dict):
+        raise UnsupportedConfigError(f"{where.rstrip('.')} must be a JSON object, got {type(llm).__name__}")
+    for k in LLM_POSITIVE_INTS:
+        if k in llm:
+            _check_int(where, k, llm[k], 1)
+    if llm.get("num_key_value_heads") is not None:
+        _check_int(where, "num_key_value_heads", llm["num_key_value_heads"], 1)
+    h, nh = llm.get("hidden_size"), llm.get("num_attention_heads")
+    if h is not None and nh is not None and h % nh:
+        raise UnsupportedConfigError(f"{where}hidden_size={h} is not divisible by num_attention_heads={nh}")
+    nkv = llm.get("num_key_value_heads")
+    if nh is not None and nkv is not None and nh % nkv:
+        raise UnsupportedConfigError(f"{where}num_attention_heads={nh} is not divisible by num_key_value_heads={nkv}")
+
+
 @dataclass
 class InternVisionConfig:
     num_channels: int = 3
@@ -54,6 +110,9 @@ class InternVisionConfig:
         self.validate()
 
     def validate(self):
+        _check_types(self, "vision_config.", positive=("num_channels", "patch_size", "image_size", "hidden_size",
+                                                       "num_attention_heads", "intermediate_size",
+                                                       "num_hidden_layers", "layer_norm_eps"))
         if self.hidden_act != "gelu":
             raise UnsupportedConfigError(f"vision_config.hidden_act={self.hidden_act!r}: only 'gelu' (exact erf) is supported")
         if self.norm_type not in ("rms_norm", "layer_norm"):
@@ -118,6 +177,9 @@ class InternVLChatConfig:
         self.validate()
 
     def validate(self):
+        _check_types(self, "", positive=("force_image_size", "downsample_ratio", "min_dynamic_patch",
+                                         "max_dynamic_patch"))
+        validate_llm_config(self.llm_config)
         if self.ps_version not in ("v1", "v2"):
             raise UnsupportedConfigError(f"ps_version={self.ps_version!r}: expected 'v1' or 'v2'")
         r = 1 / self.downsample_ratio

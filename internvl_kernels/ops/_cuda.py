@@ -301,6 +301,9 @@ def _can_quant_matmul(x, qweight, scales, qzeros, g_idx, bias, bits, group_size,
 
 
 def _launch_quant_matmul(x, qweight, scales, qzeros, g_idx, bias, bits, group_size, layout):
+    from .quant_matmul import check_g_idx_range
+
+    check_g_idx_range(g_idx, scales.shape[0])  # the kernel indexes scales / zeros with g_idx unmasked
     if g_idx is not None and g_idx.dtype != torch.int32:
         g_idx = g_idx.to(torch.int32)
     return _call("quant_matmul", x, qweight, scales, qzeros, g_idx, bias, int(bits), int(group_size),

@@ -445,6 +445,36 @@ def _choose_split_k(M: int, N: int, K: int, BM: int, device) -> int:
     return int(max(1, min(-(-2 * sms // tiles), K // 512, 16)))
 
 
+_CHECKED_G_IDX: dict = {}  # id(g_idx) -> (weakref, _version, n_groups, numel): tensors already range-checked
+
+
+def check_g_idx_range(g_idx: torch.Tensor | None, n_groups: int) -> None:
+    """``g_idx`` values must lie in ``[0, n_groups)`` (the kernels index the scales / zeros with them, unmasked).
+
+    The eager reference checks this on every call; the Triton / CUDA paths call this first. A tensor is checked once
+    and remembered (by identity and in-place version counter, so an edited tensor is checked again): the
+    per-layer ``g_idx`` buffers of a model cost one device sync each, not one per forward.
+    """
+    if g_idx is None or g_idx.numel() == 0:
+        return
+    import weakref
+
+    key = id(g_idx)
+    hit = _CHECKED_G_IDX.get(key)
+    if hit is not None and hit[0]() is g_idx and hit[1:] == (g_idx._version, n_groups, g_idx.numel()):
+        return
+    lo, hi = (int(v) for v in torch.aminmax(g_idx))
+    if lo < 0 or hi >= n_groups:
+        raise ValueError(f"{OP}: g_idx values must lie in [0, {n_groups}) (the scales have {n_groups} groups), "
+                         f"got [{lo}, {hi}]")
+    if len(_CHECKED_G_IDX) > 4096:
+        _CHECKED_G_IDX.clear()
+    try:
+        _CHECKED_G_IDX[key] = (weakref.ref(g_idx), g_idx._version, n_groups, g_idx.numel())
+    except TypeError:  # pragma: no cover - a tensor subclass without weakref support: just re-check next time
+        pass
+
+
 @on_input_device
 def quant_matmul_triton(x, qweight, scales, qzeros, g_idx, bias, bits, group_size, layout, *,
                         kernel: str | None = None, split_k: int | None = None):
@@ -452,6 +482,7 @@ def quant_matmul_triton(x, qweight, scales, qzeros, g_idx, bias, bits, group_siz
     heuristics (tests use them to exercise both kernels at any M)."""
     if triton is None:  # pragma: no cover
         raise RuntimeError(f"{OP}: triton is not installed")
+    check_g_idx_range(g_idx, scales.shape[0])
     M, K = x.shape
     N = scales.shape[1]
     gs = K if group_size in (-1, 0) else group_size

@@ -201,6 +201,19 @@ def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def _check_g_idx(g: torch.Tensor, K: int, n_groups: int, full: str, error) -> None:
+    """A stored ``g_idx`` is ``[in_features]`` integers in ``[0, groups)``; else ``error`` naming the layer."""
+    if g.is_floating_point() or g.dtype == torch.bool:
+        raise error(f"{full}.g_idx must be an integer tensor, got {g.dtype}")
+    if tuple(g.shape) != (K,):
+        raise error(f"{full}.g_idx: checkpoint shape {tuple(g.shape)} but the Linear has {K} input features")
+    if g.numel() and not g.is_meta:
+        lo, hi = int(g.min()), int(g.max())
+        if lo < 0 or hi >= n_groups:
+            raise error(f"{full}.g_idx: values must lie in [0, {n_groups}) ({full}.scales has {n_groups} groups), "
+                        f"got [{lo}, {hi}]")
+
+
 def replace_with_quant_linear(model: nn.Module, quantization_config, state_dict: dict, *, name_prefix: str = "",
                               tie_word_embeddings: bool = False) -> list[str]:
     """Swap every ``nn.Linear`` of ``model`` whose ``<name>.qweight`` is in ``state_dict`` for a QuantLinear.
@@ -256,8 +269,10 @@ def replace_with_quant_linear(model: nn.Module, quantization_config, state_dict:
             state_dict[f"{name}.g_idx"] = fmt.default_g_idx(K, gs)
         if not fmt.has_g_idx and f"{name}.g_idx" in state_dict:
             raise CheckpointError(f"{full}.g_idx present in an AWQ checkpoint (AWQ has no g_idx)")
-        if f"{name}.g_idx" in state_dict and state_dict[f"{name}.g_idx"].dtype != torch.int32:
-            state_dict[f"{name}.g_idx"] = state_dict[f"{name}.g_idx"].to(torch.int32)
+        if f"{name}.g_idx" in state_dict:
+            _check_g_idx(state_dict[f"{name}.g_idx"], K, state_dict[f"{name}.scales"].shape[0], full, CheckpointError)
+            if state_dict[f"{name}.g_idx"].dtype != torch.int32:
+                state_dict[f"{name}.g_idx"] = state_dict[f"{name}.g_idx"].to(torch.int32)
         dev = mod.weight.device
         q = QuantLinear(K, N, bits, gs, cfg.layout, bias=mod.bias is not None, dtype=mod.weight.dtype, device=dev,
                         scales_dtype=state_dict[f"{name}.scales"].dtype)
