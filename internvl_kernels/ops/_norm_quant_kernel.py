@@ -8,8 +8,8 @@ value is the one ``add_rms_norm`` / ``rms_norm`` / ``layer_norm`` produce), then
 * ``scale = max(amax, AMAX_FLOOR) / qmax`` (IEEE division, ``div_rn``) — or the static per-tensor scale,
 * ``codes = clamp(y / scale, -qmax, qmax)`` rounded half-to-even: int8 via the fp32 magic-number rounding
   ``(v + 1.5·2²³) − 1.5·2²³`` (exact RNE for |v| ≤ 2²²), fp8 via the hardware's RNE cast on a GPU. The Triton
-  interpreter's fp32→fp8 cast mis-rounds values that carry into the next binade (125.4 → 64), so under the
-  interpreter the value is first rounded onto the e4m3 grid by bit arithmetic (then the cast is exact).
+  interpreter's fp32→fp8 cast mis-rounds values that carry into the next binade (125.4 → 64) and drops the sign
+  of zero, so under the interpreter the e4m3 bit pattern is computed by integer arithmetic and stored as uint8.
 
 Writes: the new residual (when there is a residual update), the codes and the fp32 per-token scales. The normalized
 activation itself never goes to memory.
@@ -31,16 +31,18 @@ _EMULATE_FP8 = tl.constexpr(INTERPRET)
 
 
 @triton.jit
-def _round_e4m3_grid(v):
-    """RNE of fp32 ``v`` (|v| ≤ 448) onto the float8 e4m3 grid, kept in fp32 (interpreter only)."""
+def _e4m3_bits(v):
+    """float8_e4m3fn bit pattern (uint8) of fp32 ``v`` (|v| ≤ 448), round to nearest even (interpreter only)."""
     a = tl.abs(v)
-    # normals (|v| ≥ 2^-6): keep 3 mantissa bits, round half to even on the dropped 20 bits
-    bits = v.to(tl.uint32, bitcast=True)
+    sign = (v.to(tl.uint32, bitcast=True) >> 24) & 0x80
+    # normals (|v| ≥ 2^-6): round the fp32 mantissa to 3 bits (half to even on the dropped 20 bits)
+    bits = a.to(tl.uint32, bitcast=True)
     nb = (bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000
-    normal = nb.to(tl.float32, bitcast=True)
-    # subnormals: multiples of 2^-9 (adding 1.5·2^14 leaves exactly 9 fractional bits)
-    sub = (v + 24576.0) - 24576.0
-    return tl.where(a >= 0.015625, normal, sub)
+    e = ((nb >> 23) & 0xFF).to(tl.int32) - 120  # rebias 127 → 7
+    normal = (tl.maximum(e, 0).to(tl.uint32) << 3) | ((nb >> 20) & 7)
+    # subnormals: multiples of 2^-9 (adding 1.5·2^14 leaves exactly 9 fractional bits, RNE)
+    sub = (((a + 24576.0) - 24576.0) * 512.0).to(tl.uint32)
+    return (sign | tl.where(a >= 0.015625, normal, sub)).to(tl.uint8)
 
 
 @triton.jit
@@ -107,13 +109,17 @@ def _norm_quant_kernel(
     else:
         amax = tl.maximum(tl.max(tl.abs(y), axis=1), amax_floor)
         sc = tl.math.div_rn(amax, qmax + tl.zeros([BLOCK_M], dtype=tl.float32))
+        # a NaN anywhere in the row makes its scale NaN (as torch's amax does): it reaches the GEMM output
+        has_nan = tl.sum((y != y).to(tl.int32), axis=1) > 0
+        sc = tl.where(has_nan, float("nan"), sc)
     v = tl.math.div_rn(y, sc[:, None] + tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32))
     v = tl.minimum(tl.maximum(v, -qmax), qmax)
     qptr = Q + rows[:, None] * stride_q + cols[None, :]
     if FP8:
-        if _EMULATE_FP8:
-            v = _round_e4m3_grid(v)
-        tl.store(qptr, v.to(tl.float8e4nv), mask=mask)
+        if _EMULATE_FP8:  # Q is a uint8 view of the codes
+            tl.store(qptr, _e4m3_bits(v), mask=mask)
+        else:
+            tl.store(qptr, v.to(tl.float8e4nv), mask=mask)
     else:
         v = (v + 12582912.0) - 12582912.0  # round half to even (|v| ≤ 127)
         tl.store(qptr, v.to(tl.int8), mask=mask)
@@ -177,7 +183,8 @@ def norm_quant_rows(
         dummy = x2
         _norm_quant_kernel[(triton.cdiv(M, block_m),)](
             x2, r, scale if scale is not None else dummy, weight if weight is not None else dummy,
-            bias if bias is not None else dummy, res_out, q, qs, input_scale if input_scale is not None else qs,
+            bias if bias is not None else dummy, res_out,
+            q.view(torch.uint8) if (INTERPRET and quant_dtype == "fp8") else q, qs, input_scale if input_scale is not None else qs,
             M, N, x2.stride(0), stride_r, stride_ro, q.stride(0), float(eps), float(AMAX_FLOOR),
             float(quant_max(quant_dtype)),
             NORM=NORM_IDS[norm], HAS_RES=has_res, HAS_SCALE=scale is not None, HAS_W=weight is not None,

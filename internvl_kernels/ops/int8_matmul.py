@@ -132,8 +132,12 @@ if triton is not None:
                 b = tl.load(w_ptrs)
             else:
                 kmask = offs_k < K - k0
-                a = tl.load(a_ptrs, mask=kmask[None, :], other=0)
-                b = tl.load(w_ptrs, mask=kmask[:, None], other=0)
+                if FP8:
+                    a = tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
+                    b = tl.load(w_ptrs, mask=kmask[:, None], other=0.0)
+                else:
+                    a = tl.load(a_ptrs, mask=kmask[None, :], other=0)
+                    b = tl.load(w_ptrs, mask=kmask[:, None], other=0)
             if FP8:
                 if UPCAST:  # the interpreter has no fp8 dot: fp8 values and their products are exact in fp32
                     acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
