@@ -257,7 +257,21 @@ def int8_matmul_accumulate(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """The exact integer accumulator ``a @ w.T`` of int8 codes ``a [M, K]`` and ``w [N, K]`` as int32.
 
     Computed in float64 (every partial sum of int8 products is an integer below 2**53, so it is exact)."""
-    return (a.to(torch.float64) @ w.to(torch.float64).t()).to(torch.int32)
+    return _exact_dot(a, w).to(torch.int32)
+
+
+def _exact_dot(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``a @ w.T`` of code tensors, exact, as float64. int8: K split into chunks of 1024, each an fp32 GEMM (every
+    partial sum is an integer of magnitude ≤ 1024·127² < 2**24, so fp32 is exact in any order), summed in float64.
+    fp8: float64 GEMM (products of e4m3 values have ≤ 8 significant bits)."""
+    if a.dtype != torch.int8:
+        return a.to(torch.float64) @ w.to(torch.float64).t()
+    K = a.shape[-1]
+    acc = None
+    for k0 in range(0, max(K, 1), 1024):
+        p = (a[..., k0:k0 + 1024].to(torch.float32) @ w[:, k0:k0 + 1024].to(torch.float32).t()).to(torch.float64)
+        acc = p if acc is None else acc + p
+    return acc
 
 
 def int8_matmul(a, a_scale, w, w_scale, bias=None, activation: str = "none", out_dtype=torch.bfloat16):
@@ -269,7 +283,7 @@ def int8_matmul(a, a_scale, w, w_scale, bias=None, activation: str = "none", out
     int8: ``acc`` is the exact integer sum (converted to fp32 with round-to-nearest-even); fp8: the exact sum of the
     fp8 products (float64), which a tensor core reproduces up to its accumulation rounding.
     """
-    acc = (a.to(torch.float64) @ w.to(torch.float64).t()).to(torch.float32)
+    acc = _exact_dot(a, w).to(torch.float32)
     y = acc * a_scale.to(torch.float32)[:, None]
     y = y * w_scale.to(torch.float32)[None, :]
     if bias is not None:
