@@ -154,7 +154,7 @@ def compressed_tensors_config(quant_dtype: str = "int8", act_scales: str = "dyna
         "config_groups": {"group_0": {
             "targets": ["Linear"],
             "weights": args("channel", False, "minmax"),
-            "input_activations": args("tensor" if static else "token", not static, "minmax" if static else None),
+            "input_activations": args("tensor" if static else "token", not static, "minmax" if static else "memoryless"),
             "output_activations": None,
         }},
         "ignore": list(ignore),
