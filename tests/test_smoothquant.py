@@ -58,6 +58,9 @@ def sq_run(tmp_path_factory):
 def test_feature_sqnr_bar_and_report(sq_run):
     _, out, report, _ = sq_run
     m = report["metrics"]
+    print("feature SQNR dB: smoothquant %.2f, rtn w8a8 %.2f, gptq w4a16 %.2f; alphas %s" % (
+        m["vit_feature_sqnr_db"], m["vit_feature_sqnr_db_rtn_w8a8"], m["vit_feature_sqnr_db_gptq_w4a16"],
+        [b["alpha"] for b in report["blocks"]]))
     # the bar: held-out photos, last_hidden_state of the W8A8 tower vs the float tower
     assert m["vit_feature_sqnr_db"] >= 30, m
     # reported beside plain per-token W8A8 (no migration) and W4A16 GPTQ on the same tower
