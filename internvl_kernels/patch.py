@@ -16,6 +16,10 @@ What changes:
   LayerNorm / 300M shape) — attention is ``qk_norm_attention`` straight from the packed qkv output (6B shape) or
   ``attention`` on strided q/k/v views (300M shape), and ``fc1`` + GELU is one ``linear(..., "gelu")`` (cuBLAS or
   Triton, whichever is faster). ``qkv``/``proj``/``fc2`` stay the modules they are (so quantized Linears keep working).
+  **W8A8 towers** (``W8A8Linear`` from a compressed-tensors folder): a norm feeding a W8A8 ``qkv`` / ``fc1`` becomes
+  ``rms_norm_quant`` / ``add_rms_norm_quant`` (``add_layer_norm_quant``), emitting int8 / fp8 codes + per-token
+  scales in the same pass; ``fc1`` is ``int8_matmul`` with the bias + GELU epilogue; ``proj`` / ``fc2`` quantize
+  their inputs with ``quantize_per_token``.
 * **Projector** (``projector=True``): ``pixel_shuffle_and_project`` becomes ``pixel_shuffle_layer_norm`` (the
   shuffled copy never exists) followed by the two GEMMs with bias + GELU epilogues.
 * **LLM norms** (``llm_norms=True``): every ``LlamaRMSNorm`` / ``Qwen2RMSNorm`` / ``Phi3RMSNorm`` →
@@ -70,6 +74,27 @@ __all__ = ["patch_model", "unpatch_model", "is_patched", "patched_modules"]
 
 
 # ----------------------------------------------------------------------------------------------- the fused pieces
+def _w8a8(m):
+    """``m`` if it is a W8A8Linear (int8 / fp8 activations: its input can come quantized from a fused norm)."""
+    from .quant.w8a8 import W8A8Linear
+
+    return m if isinstance(m, W8A8Linear) else None
+
+
+def _qkv_consumer(layer):
+    """The W8A8 qkv Linear fed by ``layer.norm1`` on the kernel path (None: norm1 emits a float activation)."""
+    attn = getattr(layer, "attn", None)
+    if attn is None or attn.head_dim not in SUPPORTED_HEAD_DIMS:
+        return None
+    return _w8a8(attn.qkv)
+
+
+def _quantized(codes, scales):
+    from .quant.w8a8 import QuantizedActivation
+
+    return QuantizedActivation(codes, scales)
+
+
 def _rms_eps(norm: nn.Module):
     """eps of an RMSNorm this module fuses (InternViT's or transformers' InternVL vision one), else None."""
     if isinstance(norm, InternRMSNorm):
@@ -79,7 +104,12 @@ def _rms_eps(norm: nn.Module):
     return None
 
 
-def _norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _norm(norm: nn.Module, x: torch.Tensor, quant_for=None) -> torch.Tensor:
+    if quant_for is not None and isinstance(norm, (nn.LayerNorm, InternRMSNorm)):
+        qd, isc = quant_for.quant_dtype, quant_for.input_scale
+        if isinstance(norm, nn.LayerNorm):
+            return _quantized(*ops.layer_norm_quant(x, norm.weight, norm.bias, norm.eps, qd, isc))
+        return _quantized(*ops.rms_norm_quant(x, norm.weight, norm.eps, qd, isc))
     if isinstance(norm, nn.LayerNorm):
         y = ops.layer_norm(x, norm.weight, norm.bias, norm.eps)
     elif _rms_eps(norm) is not None:
@@ -89,10 +119,18 @@ def _norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return y.to(x.dtype)
 
 
-def _add_norm(out: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, norm: nn.Module | None):
-    """``x + out * scale`` (the block's rounding) and the next norm of it; ``norm=None`` → no norm."""
+def _add_norm(out: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, norm: nn.Module | None, quant_for=None):
+    """``x + out * scale`` (the block's rounding) and the next norm of it; ``norm=None`` → no norm.
+    ``quant_for``: the W8A8Linear that consumes the norm — the norm then emits its int8 / fp8 codes + scales."""
     if norm is None:
         return x + out * scale, None
+    if quant_for is not None and isinstance(norm, (nn.LayerNorm, InternRMSNorm)):
+        qd, isc = quant_for.quant_dtype, quant_for.input_scale
+        if isinstance(norm, nn.LayerNorm):
+            x, q, s = ops.add_layer_norm_quant(out, x, norm.weight, norm.bias, norm.eps, scale, qd, isc)
+        else:
+            x, q, s = ops.add_rms_norm_quant(out, x, norm.weight, norm.eps, scale, qd, isc)
+        return x, _quantized(q, s)
     if isinstance(norm, nn.LayerNorm):
         x, h = ops.add_layer_norm(out, x, norm.weight, norm.bias, norm.eps, scale)
     elif _rms_eps(norm) is not None:
@@ -106,7 +144,7 @@ def _add_norm(out: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, norm: nn.
 def _attention(attn: nn.Module, h: torch.Tensor) -> torch.Tensor:
     if attn.head_dim not in SUPPORTED_HEAD_DIMS:
         return attn(h)  # the eager module (the Triton kernel covers head_dim 64 / 128)
-    B, N, C = h.shape
+    B, N, C = (h.codes if hasattr(h, "codes") else h).shape  # a W8A8 qkv gets its input quantized
     qkv = attn.qkv(h)
     if attn.qk_normalization:
         out = ops.qk_norm_attention(qkv, attn.q_norm.weight, attn.k_norm.weight, attn.num_heads, attn.q_norm.eps,
@@ -158,6 +196,8 @@ def _hf_projector(proj: nn.Module, tokens: torch.Tensor, ratio: float) -> torch.
 
 def _mlp(mlp: nn.Module, h: torch.Tensor) -> torch.Tensor:
     act = getattr(mlp, "act", None) or getattr(mlp, "activation_fn", None)  # InternViT's / transformers' name
+    if _w8a8(mlp.fc1) is not None and _exact_gelu(act):  # int8 GEMM with the bias + GELU epilogue
+        return mlp.fc2(mlp.fc1(h, activation="gelu"))
     if _plain_linear(mlp.fc1) and _exact_gelu(act):
         return mlp.fc2(ops.linear(h, mlp.fc1.weight, mlp.fc1.bias, "gelu"))
     return mlp(h)
@@ -167,15 +207,16 @@ def _mlp(mlp: nn.Module, h: torch.Tensor) -> torch.Tensor:
 class _KernelEncoderLayer:
     """Mixin for ``InternVisionEncoderLayer``: one block as fused steps."""
 
-    def _ik_step(self, x, h, next_norm):
-        """Block on residual ``x`` whose ``norm1(x)`` is ``h``; returns ``(x_out, next_norm(x_out) or None)``."""
+    def _ik_step(self, x, h, next_norm, next_consumer=None):
+        """Block on residual ``x`` whose ``norm1(x)`` is ``h``; returns ``(x_out, next_norm(x_out) or None)``.
+        ``next_consumer``: the next block's W8A8 qkv (then ``next_norm`` emits its quantized input)."""
         a = _attention(self.attn, h)
-        x, h2 = _add_norm(a, x, self.ls1, self.norm2)
+        x, h2 = _add_norm(a, x, self.ls1, self.norm2, _w8a8(self.mlp.fc1))
         m = _mlp(self.mlp, h2)
-        return _add_norm(m, x, self.ls2, next_norm)
+        return _add_norm(m, x, self.ls2, next_norm, next_consumer)
 
     def forward(self, hidden_states):
-        return self._ik_step(hidden_states, _norm(self.norm1, hidden_states), None)[0]
+        return self._ik_step(hidden_states, _norm(self.norm1, hidden_states, _qkv_consumer(self)), None)[0]
 
 
 class _KernelHFVisionLayer:
@@ -201,14 +242,20 @@ def _run_blocks(layers, h, states=None):
     layers = list(layers)
     if not layers:
         return h
-    normed = _norm(_first_norm(layers[0]), h)
+    first = _qkv_consumer(layers[0]) if isinstance(layers[0], _KernelEncoderLayer) else None
+    normed = _norm(_first_norm(layers[0]), h, first)
     for i, layer in enumerate(layers):
         nxt = _first_norm(layers[i + 1]) if i + 1 < len(layers) else None
-        if isinstance(layer, (_KernelEncoderLayer, _KernelHFVisionLayer)):
+        consumer = None
+        if nxt is not None and isinstance(layers[i + 1], _KernelEncoderLayer):
+            consumer = _qkv_consumer(layers[i + 1])
+        if isinstance(layer, _KernelEncoderLayer):
+            h, normed = layer._ik_step(h, normed, nxt, consumer)
+        elif isinstance(layer, _KernelHFVisionLayer):
             h, normed = layer._ik_step(h, normed, nxt)
         else:  # a block someone left unpatched
             h = layer(h)
-            normed = _norm(nxt, h) if nxt is not None else None
+            normed = _norm(nxt, h, consumer) if nxt is not None else None
         if states is not None:
             states.append(h)
     return h

@@ -59,7 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=int, choices=(2, 3, 4, 8), default=4)
     p.add_argument("--group-size", type=_group, default=None,
                    help="input channels per scale/zero group, or -1 (default 128; demo 64)")
-    p.add_argument("--method", choices=("gptq", "awq", "rtn"), default="gptq")
+    p.add_argument("--method", choices=("gptq", "awq", "rtn", "smoothquant"), default="gptq",
+                   help="smoothquant: W8A8 (int8 / fp8 weights AND activations) of the vision tower, written as a "
+                        "compressed-tensors folder (vLLM's W8A8 format)")
+    p.add_argument("--w8a8-dtype", choices=("int8", "fp8"), default="int8",
+                   help="smoothquant: int8, or fp8 e4m3 (float-quantized; needs sm_89+ to run fast)")
+    p.add_argument("--act-scales", choices=("dynamic", "static"), default="dynamic",
+                   help="smoothquant: per-token dynamic activation scales (default) or static per-tensor scales "
+                        "calibrated on the photos")
+    p.add_argument("--alphas", default=None, metavar="LIST",
+                   help="smoothquant: comma list of migration strengths to search per block (default 0,0.1,...,1)")
     p.add_argument("--sym", action="store_true", help="symmetric quantization (zero = 2**(bits-1))")
     p.add_argument("--act-order", action="store_true", help="GPTQ desc_act: columns in descending Hessian diagonal")
     p.add_argument("--static-groups", action="store_true", help="GPTQ: fit groups before act-order permutation "
@@ -183,6 +192,8 @@ def _main(args) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         torch.manual_seed(args.seed)
+        if args.method == "smoothquant":
+            return _smoothquant(args, demo, d, dev, dtype)
         if demo:
             from .demo import build_demo_model
 
@@ -202,7 +213,13 @@ def _main(args) -> int:
     except (QuantizeError, CalibrationError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    return _print_report(args, report, demo, format_report)
+
+
+def _print_report(args, report, demo, format_report):
     if demo:
+        from .demo import DEMO_DESCRIPTION
+
         report["demo"] = DEMO_DESCRIPTION
     if args.json:
         print(json.dumps(report, indent=2))
@@ -211,3 +228,42 @@ def _main(args) -> int:
         if demo:
             print("(this was the DEMO: real SmolLM2-135M LLM + random-init InternViT; see the first line)")
     return 0
+
+
+def _smoothquant(args, demo, d, dev, dtype) -> int:
+    """``--method smoothquant``: W8A8 of the vision tower → compressed-tensors folder + SQNR report."""
+    from .runner import QuantizeError, load_model
+    from .smoothquant import DEFAULT_ALPHAS, SmoothQuantSettings, format_smoothquant_report, run_smoothquant
+
+    parts = tuple(p.strip() for p in args.parts.split(",") if p.strip()) if args.parts else ("vision",)
+    if parts != ("vision",):
+        raise QuantizeError(f"--method smoothquant quantizes the vision tower only: use --parts vision "
+                            f"(got --parts {args.parts})")
+    try:
+        alphas = tuple(float(a) for a in args.alphas.split(",")) if args.alphas else DEFAULT_ALPHAS
+    except ValueError:
+        raise QuantizeError(f"--alphas: not a comma list of numbers: {args.alphas!r}") from None
+    if not alphas or any(not 0 <= a <= 1 for a in alphas):
+        raise QuantizeError(f"--alphas: every value must lie in [0, 1], got {args.alphas!r}")
+    if demo:
+        from .demo import build_demo_model
+
+        lm = build_demo_model(seed=args.seed, dtype=dtype or torch_float32())
+        out = args.out or d["out"] + "-w8a8"
+    else:
+        lm = load_model(args.model, dtype)
+        out = args.out or os.path.join(".", f"{os.path.basename(os.path.normpath(args.model))}-smoothquant-"
+                                            f"w8a8-{args.w8a8_dtype}")
+    st = SmoothQuantSettings(quant_dtype=args.w8a8_dtype, act_scales=args.act_scales, alphas=alphas,
+                             device=str(dev), progress=not args.no_progress)
+    report = run_smoothquant(lm, st, calib_images=args.calib_images, max_calib_images=args.max_calib_images,
+                             max_tiles=args.max_tiles, eval_images=args.eval_images if args.eval_images is not None
+                             else d["eval_images"], out=out, overwrite=args.overwrite,
+                             max_shard_size=args.max_shard_size, write=not args.no_write)
+    return _print_report(args, report, demo, lambda r: format_smoothquant_report(r))
+
+
+def torch_float32():
+    import torch
+
+    return torch.float32

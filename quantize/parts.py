@@ -110,22 +110,28 @@ class LLMPart:
             metrics["llm_ppl_protocol"] = f"{rc.eval_windows} held-out Wikipedia windows x {rc.seqlen} tokens"
 
 
+def image_cfg_of(lm, max_tiles=None) -> dict:
+    """How calibration / held-out photos are tiled for ``lm``'s vision tower (the checkpoint's own preprocessing)."""
+    c = lm.model.config
+    if lm.kind == "internvl_chat":
+        return {"image_size": c.image_size, "max_num": max_tiles or c.max_dynamic_patch,
+                "dynamic": bool(c.dynamic_image_size), "use_thumbnail": bool(c.use_thumbnail)}
+    return {"image_size": c.image_size, "max_num": max_tiles or 6, "dynamic": True, "use_thumbnail": True}
+
+
 def parts_of(lm, rc) -> list:
     """The parts of a loaded model (``quantize.runner.LoadedModel``), vision first."""
     model = lm.model
     if lm.kind == "internvl_chat":
-        c = model.config
         n = len(model.vision_model.encoder.layers)
         sel = model.select_layer
-        image_cfg = {"image_size": c.image_size, "max_num": rc.max_tiles or c.max_dynamic_patch,
-                     "dynamic": bool(c.dynamic_image_size), "use_thumbnail": bool(c.use_thumbnail)}
+        image_cfg = image_cfg_of(lm, rc.max_tiles)
         return [VisionPart(model.vision_model, "vision_model.encoder.layers", image_cfg,
                            sel if sel >= 0 else n + 1 + sel, f"hidden_states[{sel if sel >= 0 else n + 1 + sel}] "
                            f"(select_layer={sel})", drop_cls=True, keep_features=True),
                 LLMPart(model.language_model, "language_model.model.layers", lm.tokenizer, chat_model=model)]
     if lm.kind == "intern_vit":
-        image_cfg = {"image_size": model.config.image_size, "max_num": rc.max_tiles or 6, "dynamic": True,
-                     "use_thumbnail": True}
+        image_cfg = image_cfg_of(lm, rc.max_tiles)
         return [VisionPart(model, "encoder.layers", image_cfg, len(model.encoder.layers), "last_hidden_state",
                            drop_cls=False, keep_features=False)]
     if lm.kind == "llm":

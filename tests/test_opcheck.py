@@ -36,6 +36,25 @@ def _samples(device, dtype=torch.float32):
         "linear": ((r(2, 3, 40), r(24, 40), r(24), "gelu"), {}),
         "mlp_projector": ((r(1, 4, 32), r(32), r(32), r(24, 32), r(24), r(16, 24), r(16), 1e-5), {}),
         "quant_matmul": ((r(3, 64), qweight, scales, qzeros, None, r(32), 4, 32, "gptq"), {}),
+        **_w8a8_samples(device, r),
+    }
+
+
+def _w8a8_samples(device, r):
+    g = torch.Generator().manual_seed(1)
+    a = torch.randint(-127, 128, (2, 3, 64), generator=g, dtype=torch.int8).to(device)
+    w = torch.randint(-127, 128, (24, 64), generator=g, dtype=torch.int8).to(device)
+    sa = (torch.rand(2, 3, generator=g) + 0.01).to(device)
+    sw = (torch.rand(24, generator=g) + 0.01).to(device)
+    st = torch.tensor([0.02], device=device)
+    return {
+        "add_rms_norm_quant": ((r(2, 5, 96), r(2, 5, 96), r(96), 1e-6, r(96), "int8", None), {}),
+        "add_layer_norm_quant": ((r(2, 5, 96), r(2, 5, 96), r(96), r(96), 1e-6, None, "int8", st), {}),
+        "rms_norm_quant": ((r(2, 5, 96), r(96), 1e-6, "int8", None), {}),
+        "layer_norm_quant": ((r(2, 5, 96), r(96), None, 1e-6, "int8", None), {}),
+        "quantize_per_token": ((r(2, 5, 96), "int8", None), {}),
+        "int8_matmul": ((a, sa, w, sw, r(24), "gelu", torch.bfloat16), {}),
+        "int8_matmul_accumulate": ((a[0], w), {}),
     }
 
 

@@ -7,7 +7,7 @@ import os
 import torch
 
 from internvl_kernels.model import InternVLChatModel
-from internvl_kernels.model.loading import load_state_dict
+from internvl_kernels.checkpoint.files import load_state_dict
 from internvl_kernels.model.testing import write_checkpoint
 from quantize import runner
 from quantize.cli import main

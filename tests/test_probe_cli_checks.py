@@ -75,7 +75,7 @@ def test_out_is_never_the_model(ckpt, tmp_path, capsys, monkeypatch, where):
     # the library entry point refuses it too
     monkeypatch.undo()
     lm = runner.load_model(src)
-    from quantize.pipeline import QuantSettings
+    from quantize.engine import QuantSettings
 
     rc = runner.RunConfig(settings=QuantSettings(method="rtn", group_size=32, progress=False), out=out,
                           overwrite=True, nsamples=2, seqlen=16)
@@ -130,7 +130,7 @@ def test_skip_official_internlm2_name_is_honoured(ckpt, tmp_path, capsys):
 
 @pytest.mark.parametrize("where", ["safetensors", "config"])
 def test_disk_full_during_save(ckpt, tmp_path, capsys, monkeypatch, where):
-    import internvl_kernels.model.loading as L
+    import internvl_kernels.checkpoint.files as L
     import quantize.writer as W
 
     def full(*a, **k):

@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from internvl_kernels.model.loading import save_state_dict
+from internvl_kernels.checkpoint.files import save_state_dict
 from internvl_kernels.model.testing import write_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -17,7 +17,7 @@ import tempfile
 import pytest
 import torch
 
-from internvl_kernels.model.loading import CheckpointError, SAFE_INDEX, load_state_dict, save_state_dict
+from internvl_kernels.checkpoint.files import CheckpointError, SAFE_INDEX, load_state_dict, save_state_dict
 
 N_CASES = 240
 CASE_TIMEOUT_S = 10

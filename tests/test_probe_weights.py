@@ -7,11 +7,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from internvl_kernels.model import CheckpointError, InternVLChatModel, InternVisionModel
-from internvl_kernels.model.loading import load_state_dict
+from internvl_kernels.checkpoint.files import load_state_dict
 from internvl_kernels.model.testing import build_model, write_checkpoint, write_vision_checkpoint
 from quantize import runner
 from quantize.cli import main
-from quantize.pipeline import QuantSettings
+from quantize.engine import QuantSettings
 
 TINY = ["--nsamples", "2", "--seqlen", "16", "--eval-windows", "1", "--eval-images", "1", "--max-calib-images", "1",
         "--mm-samples", "0", "--group-size", "32", "--no-progress", "--device", "cpu"]

@@ -33,6 +33,15 @@ __all__ = [
     "linear",
     "dequantize_packed",
     "quant_matmul",
+    "QUANT_DTYPES",
+    "quant_max",
+    "quantize_per_token",
+    "add_rms_norm_quant",
+    "add_layer_norm_quant",
+    "rms_norm_quant",
+    "layer_norm_quant",
+    "int8_matmul_accumulate",
+    "int8_matmul",
 ]
 
 
@@ -207,3 +216,113 @@ def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, q
     w = dequantize_packed(qweight, scales, qzeros, g_idx, bits, group_size, layout, dtype=torch.float32)
     y = F.linear(x.to(torch.float32), w, None if bias is None else bias.to(torch.float32))
     return y.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# W8A8: dynamic per-token activation quantization, norm + quantization, the scaled int8 / fp8 GEMM
+# ---------------------------------------------------------------------------------------------------------------
+# code dtype of each W8A8 flavour: symmetric int8 (codes -127..127) or fp8 e4m3 (OCP "fn": max 448, no inf)
+QUANT_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
+_QMAX = {"int8": 127.0, "fp8": 448.0}
+# a row of zeros gets scale AMAX_FLOOR / qmax (codes 0) instead of a division by zero
+AMAX_FLOOR = 1e-12
+
+
+def quant_max(quant_dtype: str) -> float:
+    """Largest code magnitude: 127 (int8) or 448 (fp8 e4m3)."""
+    if quant_dtype not in _QMAX:
+        raise ValueError(f"quant_dtype must be one of {tuple(_QMAX)}, got {quant_dtype!r}")
+    return _QMAX[quant_dtype]
+
+
+def quantize_per_token(x: torch.Tensor, quant_dtype: str = "int8", input_scale: torch.Tensor | None = None):
+    """Symmetric quantization of every row (token) of ``x`` → ``(codes, scales)``.
+
+    Definition (everything in fp32, IEEE-rounded): ``scale = max(amax(|x_row|), AMAX_FLOOR) / qmax`` per token
+    (or the given per-tensor ``input_scale``, broadcast to every token: static activation scales), then
+    ``codes = clamp(x / scale, -qmax, qmax)`` rounded **half to even** (``torch.round``) to int8, or rounded to
+    nearest-even by the fp32 → float8_e4m3fn cast. ``x ≈ codes * scale[..., None]``. Returns codes
+    ``x.shape`` (int8 / float8_e4m3fn) and fp32 scales ``x.shape[:-1]``.
+    """
+    qmax = quant_max(quant_dtype)
+    xf = x.to(torch.float32)
+    if input_scale is None:
+        scale = xf.abs().amax(-1).clamp_min(AMAX_FLOOR) / qmax
+    else:
+        scale = input_scale.to(torch.float32).reshape(()).expand(x.shape[:-1])
+    v = (xf / scale[..., None]).clamp(-qmax, qmax)
+    if quant_dtype == "int8":
+        codes = torch.round(v).to(torch.int8)
+    else:
+        codes = v.to(torch.float8_e4m3fn)
+    return codes, scale.contiguous()
+
+
+def add_rms_norm_quant(x, residual, weight, eps: float = 1e-6, scale=None, quant_dtype: str = "int8",
+                       input_scale=None):
+    """:func:`add_rms_norm`, then :func:`quantize_per_token` of the normed output (rounded to its dtype first).
+
+    Returns ``(new_residual, codes, token_scales)``: exactly what the unfused ops compute."""
+    r, y = add_rms_norm(x, residual, weight, eps, scale)
+    q, s = quantize_per_token(y, quant_dtype, input_scale)
+    return r, q, s
+
+
+def add_layer_norm_quant(x, residual, weight, bias, eps: float = 1e-6, scale=None, quant_dtype: str = "int8",
+                         input_scale=None):
+    """LayerNorm twin of :func:`add_rms_norm_quant`."""
+    r, y = add_layer_norm(x, residual, weight, bias, eps, scale)
+    q, s = quantize_per_token(y, quant_dtype, input_scale)
+    return r, q, s
+
+
+def rms_norm_quant(x, weight, eps: float = 1e-6, quant_dtype: str = "int8", input_scale=None):
+    """``quantize_per_token(rms_norm(x))`` (the first block's norm1, which has no residual update before it)."""
+    return quantize_per_token(rms_norm(x, weight, eps), quant_dtype, input_scale)
+
+
+def layer_norm_quant(x, weight, bias, eps: float = 1e-6, quant_dtype: str = "int8", input_scale=None):
+    """``quantize_per_token(layer_norm(x))``."""
+    return quantize_per_token(layer_norm(x, weight, bias, eps), quant_dtype, input_scale)
+
+
+def int8_matmul_accumulate(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The exact integer accumulator ``a @ w.T`` of int8 codes ``a [M, K]`` and ``w [N, K]`` as int32.
+
+    Computed in float64 (every partial sum of int8 products is an integer below 2**53, so it is exact)."""
+    return _exact_dot(a, w).to(torch.int32)
+
+
+def _exact_dot(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``a @ w.T`` of code tensors, exact, as float64. int8: K split into chunks of 1024, each an fp32 GEMM (every
+    partial sum is an integer of magnitude ≤ 1024·127² < 2**24, so fp32 is exact in any order), summed in float64.
+    fp8: float64 GEMM (products of e4m3 values have ≤ 8 significant bits)."""
+    if a.dtype != torch.int8:
+        return a.to(torch.float64) @ w.to(torch.float64).t()
+    K = a.shape[-1]
+    acc = None
+    for k0 in range(0, max(K, 1), 1024):
+        p = (a[..., k0:k0 + 1024].to(torch.float32) @ w[:, k0:k0 + 1024].to(torch.float32).t()).to(torch.float64)
+        acc = p if acc is None else acc + p
+    return acc
+
+
+def int8_matmul(a, a_scale, w, w_scale, bias=None, activation: str = "none", out_dtype=torch.bfloat16):
+    """The W8A8 GEMM: ``act((a @ w.T) * a_scale[:, None] * w_scale[None, :] + bias)`` rounded once to ``out_dtype``.
+
+    ``a`` ``[M, K]`` and ``w`` ``[N, K]`` codes (both int8, or both float8_e4m3fn), ``a_scale`` ``[M]`` fp32 (per token),
+    ``w_scale`` ``[N]`` fp32 (per output channel), ``bias`` ``[N]``, ``activation`` "none" | "gelu" (exact erf).
+    Epilogue order, all fp32: ``float(acc) * a_scale``, then ``* w_scale``, then ``+ bias``, then GELU, then the cast.
+    int8: ``acc`` is the exact integer sum (converted to fp32 with round-to-nearest-even); fp8: the exact sum of the
+    fp8 products (float64), which a tensor core reproduces up to its accumulation rounding.
+    """
+    acc = _exact_dot(a, w).to(torch.float32)
+    y = acc * a_scale.to(torch.float32)[:, None]
+    y = y * w_scale.to(torch.float32)[None, :]
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    if activation == "gelu":
+        y = gelu(y)
+    elif activation != "none":
+        raise ValueError(f"int8_matmul: activation must be 'none' or 'gelu', got {activation!r}")
+    return y.to(out_dtype)

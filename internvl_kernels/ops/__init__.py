@@ -19,24 +19,31 @@ from .add_layer_norm import add_layer_norm
 from .add_rms_norm import add_rms_norm
 from .attention import attention
 from .layer_norm import layer_norm
+from .int8_matmul import int8_matmul, int8_matmul_accumulate, int8_matmul_choices
 from .linear import linear, linear_choices
+from .norm_quant import add_layer_norm_quant, add_rms_norm_quant, layer_norm_quant, rms_norm_quant
 from .mlp_projector import mlp_projector, projector_gemms
 from .pixel_shuffle import pixel_shuffle, pixel_shuffle_layer_norm
 from .qk_norm_attention import qk_norm_attention
 from .quant_matmul import quant_matmul
+from .quantize_per_token import quantize_per_token
 from .rms_norm import rms_norm
+
+# W8A8 (int8 / fp8 activations): norm + per-token quantization, per-token quantization, the scaled GEMM
+W8A8_OPS = ("add_rms_norm_quant", "add_layer_norm_quant", "rms_norm_quant", "layer_norm_quant", "quantize_per_token",
+            "int8_matmul", "int8_matmul_accumulate")
 
 # op name (registry key of internvl_kernels._backend) for every custom op defined here
 OPS = (
     "rms_norm", "layer_norm", "add_rms_norm", "add_layer_norm", "attention", "qk_norm_attention", "pixel_shuffle",
     "pixel_shuffle_layer_norm", "linear", "mlp_projector", "quant_matmul",
-)
+) + W8A8_OPS
 
 __all__ = [
     "rms_norm", "layer_norm", "add_rms_norm", "add_layer_norm", "attention", "qk_norm_attention", "pixel_shuffle",
     "pixel_shuffle_layer_norm", "linear", "mlp_projector", "quant_matmul", "projector_gemms", "linear_choices", "poison_outputs",
     "launches", "warmup", "OPS",
-]
+] + list(W8A8_OPS) + ["int8_matmul_choices", "W8A8_OPS"]
 
 # CUDA implementations register themselves (register_impl(op, "cuda", fn)); without the compiled extension
 # _cuda logs one line and the Triton / eager implementations are used.

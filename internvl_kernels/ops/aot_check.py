@@ -1,6 +1,6 @@
 """Compile the GPU kernels for an H100 (sm_90) without a GPU: catches compile errors and shared-memory overflow.
 
-``python -m internvl_kernels.ops.aot_check [--all | --pickable]`` compiles each Triton kernel of
+``python -m internvl_kernels.ops.aot_check [--all | --pickable | --w8a8]`` compiles each Triton kernel of
 :mod:`internvl_kernels.ops` (the default: one representative configuration per kernel and dtype path; ``--all``: every
 autotune configuration that the pruning keeps; ``--pickable``: the attention / linear configurations the autotuners
 can pick on the model's dtype paths) through the full Triton → PTX → cubin pipeline (triton bundles ``ptxas``) and checks the
@@ -164,6 +164,55 @@ def cases(full: bool = False, pickable: bool = False):
         dict(HAS_W=True, HAS_B=True, R=2, R2P=4, V2=False, BLOCK_C=4096), {"num_warps": 16}))
     yield ("qk_norm rstd pre-pass", lambda: _compile(Q._qk_rstd_kernel, {"QKV": "*bf16", "RSTD": "*fp32"}, ["eps"],
                                                      dict(BLOCK_M=1, BLOCK_C=4096), {"num_warps": 8}))
+    if not pickable:
+        yield from w8a8_cases(full)
+
+
+def w8a8_cases(full: bool = False):
+    """The W8A8 kernels: norm + per-token quantization (int8 / fp8, RMS / LN / none, ± residual, static scale) and
+    the int8 / fp8 GEMM with each autotune configuration (``full``) or the first one (default)."""
+    import importlib
+
+    import triton.language as tl
+
+    NQ = importlib.import_module("internvl_kernels.ops._norm_quant_kernel")
+    IM = importlib.import_module("internvl_kernels.ops.int8_matmul")
+    ptr_t = {tl.bfloat16: "*bf16", tl.float16: "*fp16", tl.float32: "*fp32"}
+    for norm, res, n, dt, fp8, static in (("rms", True, 3200, tl.bfloat16, False, False),
+                                          ("rms", True, 3200, tl.bfloat16, True, False),
+                                          ("rms", False, 3200, tl.float16, False, True),
+                                          ("layer", True, 1024, tl.bfloat16, False, False),
+                                          ("none", False, 12800, tl.bfloat16, False, False),
+                                          ("none", False, 12800, tl.bfloat16, True, False),
+                                          ("none", False, 576, tl.float32, False, True)):
+        bm, bn, nw = NQ.launch_settings(n, 13 * 1025)
+        const = dict(NORM=NQ.NORM_IDS[norm], HAS_RES=res, HAS_SCALE=res, HAS_W=norm != "none",
+                     HAS_B=norm == "layer", STATIC=static, FP8=fp8, PROD_DT=dt, RES_DT=dt, XN_DT=dt, Y_DT=dt,
+                     BLOCK_M=bm, BLOCK_N=bn)
+        ptrs = {k: ptr_t[dt] for k in ("X", "R", "SCALE", "W", "B", "RES_OUT")}
+        ptrs.update(Q="*fp8e4nv" if fp8 else "*i8", QS="*fp32", IN_SCALE="*fp32")
+        yield (f"norm_quant norm={norm} residual={res} N={n} {dt} {'fp8' if fp8 else 'int8'} static={static}",
+               lambda ptrs=ptrs, const=const, nw=nw: _compile(
+                   NQ._norm_quant_kernel, ptrs, ["eps", "amax_floor", "qmax"], const,
+                   {"num_warps": nw, "enable_fp_fusion": False}, ("stride_x", "stride_r", "stride_ro", "stride_q")))
+    cfgs = IM.gpu_configs()
+    for fp8 in (False, True):
+        for c in (cfgs if full else cfgs[:1]):
+            for epi, gelu in ((True, True), (True, False), (False, False)):
+                if not full and not epi and fp8:
+                    continue
+                if fp8 and not epi:
+                    continue  # the int32 accumulator path is int8 only
+                const = dict(EPILOGUE=epi, HAS_BIAS=epi, GELU=gelu, FP8=fp8, UPCAST=False, EVEN_K=True, **c.kwargs)
+                code = "*fp8e4nv" if fp8 else "*i8"
+                ptrs = {"A": code, "W": code, "AS": "*fp32", "WS": "*fp32", "BIAS": "*bf16",
+                        "Y": "*bf16" if epi else "*i32"}
+                yield (f"int8_matmul {'fp8' if fp8 else 'int8'} epilogue={epi} gelu={gelu} {c.kwargs} "
+                       f"w{c.num_warps} s{c.num_stages}",
+                       lambda const=const, ptrs=ptrs, c=c: _compile(
+                           IM._int8_matmul_kernel, ptrs, [], const,
+                           {"num_warps": c.num_warps, "num_stages": c.num_stages},
+                           ("K", "stride_am", "stride_wn", "stride_ym")))
 
 
 def main(argv=None) -> int:
@@ -171,7 +220,11 @@ def main(argv=None) -> int:
     memory over the limit, and on any spill (the autotuners must never pick a spilling configuration)."""
     argv = sys.argv[1:] if argv is None else argv
     failures = 0
-    for name, thunk in cases(full="--all" in argv, pickable="--pickable" in argv):
+    if "--w8a8" in argv:  # only the W8A8 kernels
+        source = w8a8_cases(full="--all" in argv)
+    else:
+        source = cases(full="--all" in argv, pickable="--pickable" in argv)
+    for name, thunk in source:
         t0 = time.time()
         try:
             r = thunk()

@@ -290,11 +290,15 @@ def apply_quantization(model: nn.Module, quantization_config, state_dict: dict |
     The dicts are edited in place (quantized InternLM2 ``wqkv`` split into q/k/v; missing GPTQ ``g_idx`` filled in);
     load them into the model afterwards. Logs and returns the model's bytes before (dense-equivalent) and after.
     """
-    cfg = QuantConfig.coerce(quantization_config)
     if sd_parts is None:
         if state_dict is None:
             raise ValueError("apply_quantization: pass state_dict or sd_parts")
         sd_parts = {"": state_dict}
+    from .w8a8 import apply_w8a8, is_w8a8_config
+
+    if is_w8a8_config(quantization_config):  # compressed-tensors W8A8 (int8 / fp8 weights and activations)
+        return apply_w8a8(model, quantization_config, sd_parts)
+    cfg = QuantConfig.coerce(quantization_config)
     before = model_nbytes(model)
     replaced, split = [], []
     for part, sd in sd_parts.items():
