@@ -413,6 +413,10 @@ def effective_group_size(group_size, in_features: int) -> int:
     return group_size
 
 
+
+class UnsupportedQuantizationError(ValueError):
+    """A ``quantization_config`` this runtime cannot run (names the field and the supported values)."""
+
 class FormatName(str, Enum):
     """The storage formats by their checkpoint names (``checkpoint_format`` / runtime ``layout``)."""
 

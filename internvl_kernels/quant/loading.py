@@ -42,8 +42,7 @@ __all__ = ["QuantConfig", "UnsupportedQuantizationError", "apply_quantization", 
            "has_quantized_wqkv"]
 
 
-class UnsupportedQuantizationError(ValueError):
-    """A ``quantization_config`` this runtime cannot run (names the field and the supported values)."""
+UnsupportedQuantizationError = formats.UnsupportedQuantizationError
 
 
 # ---------------------------------------------------------------------------------------------------------------

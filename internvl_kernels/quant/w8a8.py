@@ -171,7 +171,7 @@ def is_w8a8_config(d) -> bool:
 
 def parse_compressed_tensors_config(d: dict) -> dict:
     """``{"quant_dtype", "static_input", "ignore"}`` from a compressed-tensors config; clear errors otherwise."""
-    from .loading import UnsupportedQuantizationError as E
+    from .formats import UnsupportedQuantizationError as E
 
     fmt = d.get("format")
     if fmt not in CT_FORMATS.values():
