@@ -15,7 +15,7 @@ from internvl_kernels.model import functional as F_ref
 from internvl_kernels.model.configuration import UnsupportedConfigError
 from internvl_kernels.model.testing import build_model, write_checkpoint
 from internvl_kernels.ops import pixel_shuffle
-from internvl_kernels.quant import load_quantized_llm
+from internvl_kernels.model import load_quantized_llm
 
 
 @pytest.fixture(scope="module")
