@@ -44,6 +44,7 @@ class RunConfig:
     overwrite: bool = False
     max_shard_size: int = 5 * 1024 ** 3
     write: bool = True
+    target: str = "any"  # --target: which consumers must load the written folder (quantize.targets)
 
 
 @dataclass
@@ -307,8 +308,10 @@ def run(rc: RunConfig, lm: LoadedModel, log=print) -> dict:
             from .writer import write_checkpoint
 
             files = write_checkpoint(tmp, lm.kind, model, _raw_config(lm), res.results, qconfig, lm.src_dir,
-                                     lm.tokenizer if lm.src_dir is None else None, rc.max_shard_size)
+                                     lm.tokenizer if lm.src_dir is None else None, rc.max_shard_size,
+                                     qconfig_in_llm_config=rc.target in ("lmdeploy", "any"))
             report["metrics"]["seconds_write"] = round(time.perf_counter() - t0, 2)
+            _check_written(tmp, rc.target, report)
             report["metrics"]["seconds_total"] = round(time.perf_counter() - t_start, 2)
             report["out"] = os.path.abspath(rc.out)
             report["files"] = sorted(files)
@@ -322,6 +325,19 @@ def run(rc: RunConfig, lm: LoadedModel, log=print) -> dict:
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_written(folder: str, target: str, report: dict) -> None:
+    """Run the consumer checker on what was just written; a folder its target does not load is not committed."""
+    from internvl_kernels.quant.checker import check_folder
+
+    chk = check_folder(folder, target)
+    report["consumers"] = {k: {"verdict": v["verdict"], "reasons": [r["detail"] for r in v["reasons"]]}
+                           for k, v in chk["verdicts"].items()}
+    report["target"] = chk["target"]
+    if not chk["target"]["ok"]:
+        raise QuantizeError(f"--target {target}: the written folder does not pass its own check (nothing was "
+                            "written):\n  " + "\n  ".join(chk["target"]["errors"]))
 
 
 def _raw_config(lm: LoadedModel) -> dict:
