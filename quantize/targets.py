@@ -39,7 +39,7 @@ def apply_defaults(args) -> list[str]:
     if args.method is None:
         args.method = "gptq"
     if args.fmt is None:
-        args.fmt = "awq" if args.method == "awq" else "gptq"
+        args.fmt = "awq" if args.method == "awq" or (t == "transformers" and args.method == "rtn") else "gptq"
     if t == "lmdeploy" and args.parts is None:
         args.parts = "llm"
         notes.append("--parts llm (lmdeploy never quantizes the vision tower)")
@@ -166,4 +166,11 @@ def check_model(target, lm, st, parts, dtype_name, group_given: bool, dtype_give
             notes.append(f"--group-size {g} (vLLM needs a group dividing every input width; {st.group_size} does not)")
             st.group_size = g
     lay = predicted_layout(target, lm, st, parts, dtype_name)
-    return notes, _raise_or_warn(target, lay)
+    try:
+        return notes, _raise_or_warn(target, lay)
+    except TargetError as e:
+        if lay.partial_groups and "not aligned" in str(e):
+            g = pick_group_size(lm, st, parts)
+            if _divides_all(lm, st, parts, g):
+                raise TargetError(f"{e}\n  (--group-size {g} divides every quantized width of this model)") from None
+        raise

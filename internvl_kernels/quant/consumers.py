@@ -152,7 +152,7 @@ TM_SRC = ("InternLM/lmdeploy main (late 2026): lmdeploy/turbomind/deploy/convert
 PT_SRC = "InternLM/lmdeploy main (late 2026): lmdeploy/pytorch/models/internlm2.py, lite/apis/auto_awq.py"
 TF_SRC = "huggingface/transformers 5.x (late 2026): quantizers/quantizer_gptq.py, quantizers/quantizer_awq.py"
 GM_SRC = "GPTQModel 7.7.0 (run on CPU by tests/test_consumer_gptqmodel.py: GPTQ v1/v2 LLM folders)"
-IK_SRC = "this package: internvl_kernels/quant/loading.py"
+IK_SRC = "this package (same version): internvl_kernels/quant/loading.py"
 
 
 def _scope_gptqmodel(lay: Layout) -> str | None:
@@ -395,7 +395,7 @@ def _row_layouts():
             continue
         lay = Layout(kind="internvl_chat", llm_arch="InternLM2ForCausalLM", ps_version="v2", bits=bits,
                      group_size=128, sym=sym, desc_act=act if fmt["method"] == "gptq" else None,
-                     torch_dtype="bfloat16", config_top=True, config_llm=True, config_json=True,
+                     torch_dtype=None, config_top=True, config_llm=True, config_json=True,
                      quantized_parts={"vision": "vision" in parts, "llm": True}, partial_groups=[], fused_mixed=[],
                      unconverted_dense=[], tokenizer=True, **fmt)
         yield label, bits, sym, act, parts, lay
@@ -404,7 +404,7 @@ def _row_layouts():
 def markdown_table() -> str:
     """The README's "which folder loads where" table, generated from :data:`RULES`.
 
-    Rows: format × bits × sym × act-order × parts for an InternVL-Chat-V1.5 folder (ps v2, group 128, bfloat16,
+    Rows: format × bits × sym × act-order × parts for an InternVL-Chat-V1.5 folder (ps v2, group 128,
     ``quantization_config`` at the top level and in ``llm_config``, no partial groups, fused groups whole).
     """
     cons = ["vllm", "lmdeploy-turbomind", "lmdeploy-pytorch", "transformers"]
@@ -414,11 +414,16 @@ def markdown_table() -> str:
     for label, bits, sym, act, parts, lay in _row_layouts():
         cells = []
         for c in cons:
-            v = evaluate(lay, c)
-            ids = sorted({r["rule"] for r in v["reasons"] if r["verdict"] != "unknown"})
-            for r in v["reasons"]:
-                notes.setdefault(r["rule"], r["rule_text"])
-            cells.append(v["verdict"] + (f" ({', '.join(ids)})" if ids and v["verdict"] != "loads" else ""))
+            texts = {}
+            for dt in ("bfloat16", "float16"):
+                lay.torch_dtype = dt
+                v = evaluate(lay, c)
+                ids = sorted({r["rule"] for r in v["reasons"] if r["verdict"] != "unknown"})
+                for r in v["reasons"]:
+                    notes.setdefault(r["rule"], r["rule_text"])
+                texts[dt] = v["verdict"] + (f" ({', '.join(ids)})" if ids and v["verdict"] != "loads" else "")
+            cells.append(texts["bfloat16"] if texts["bfloat16"] == texts["float16"] else
+                         f"bf16: {texts['bfloat16']}; fp16: {texts['float16']}")
         symtxt = "zero point" if lay.is_awq else ("yes" if sym else "no")
         acttxt = "–" if lay.is_awq else ("yes" if act else "no")
         lines.append(f"| {label} | {bits} | {symtxt} | {acttxt} | {parts} | " + " | ".join(cells) + " |")
