@@ -113,8 +113,16 @@ def test_gptqmodel_loads_our_folder(smollm2, tmp_path, capsys, fmt, sym):
             "--eval-windows", "0", "--no-progress", "--device", "cpu"]
     assert main(args) == 0, capsys.readouterr().err
     rep = check_folder(out)
-    assert rep["verdicts"]["gptqmodel"]["verdict"] == "loads" and rep["verdicts"]["internvl-kernels"]["verdict"] == "loads"
+    assert rep["verdicts"]["internvl-kernels"]["verdict"] == "loads"
     x = _inputs(out)
+    if fmt == "gptq" and not sym:
+        # GPTQModel refuses asymmetric v1 folders it did not write itself; the checker says so
+        assert rep["verdicts"]["gptqmodel"]["verdict"] == "refuses"
+        assert "gm.asym_v1" in {r["rule"] for r in rep["verdicts"]["gptqmodel"]["reasons"]}
+        with pytest.raises(ValueError, match="sym=False model with format=FORMAT.GPTQ"):
+            _gptqmodel_load(out)
+        return
+    assert rep["verdicts"]["gptqmodel"]["verdict"] == "loads"
     gm = _gptqmodel_load(out)
     with torch.no_grad():
         l_gm = gm.model(input_ids=x).logits.float()  # GPTQModel's own fp16 kernel forward (before decoding)

@@ -106,6 +106,16 @@ def _not_converted(name: str, patterns) -> bool:
     return False
 
 
+def _by_gptqmodel(q: dict) -> bool:
+    """GPTQModel records ``meta.quantizer: ["gptqmodel:X.Y.Z"]``; it loads its own asymmetric v1 folders (>= 0.9)."""
+    tools = (q.get("meta") or {}).get("quantizer") or []
+    for t in tools if isinstance(tools, list) else [tools]:
+        m = re.match(r"gptqmodel:(\d+)\.(\d+)", str(t))
+        if m and (int(m.group(1)), int(m.group(2))) >= (0, 9):
+            return True
+    return False
+
+
 def inspect_folder(folder: str) -> Layout:
     """The :class:`~internvl_kernels.quant.consumers.Layout` facts of a quantized folder."""
     if not os.path.isdir(folder):
@@ -188,6 +198,7 @@ def inspect_folder(folder: str) -> Layout:
                  stored_zero_layout=_stored_zeros(tensors, int(bits)) if method == "gptq" and sym and bits else None,
                  unconverted_dense=unconverted,
                  tokenizer=any(os.path.isfile(os.path.join(folder, n)) for n in _TOKENIZER_FILES),
+                 made_by_gptqmodel=_by_gptqmodel(q),
                  problems=problems)
     if not quantized and method:
         lay.problems.append("config has quantization_config but no tensor has a .qweight")

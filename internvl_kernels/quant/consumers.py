@@ -52,6 +52,7 @@ class Layout:
     stored_zero_layout: str | None = None   # symmetric GPTQ: "v1" (zero-1 stored) or "v2" (true zero), from tensors
     unconverted_dense: list | None = None   # dense Linears a modules_to_not_convert-driven loader would convert
     tokenizer: bool | None = None           # tokenizer files in the folder
+    made_by_gptqmodel: bool | None = None   # quantization_config.meta.quantizer names gptqmodel >= 0.9
     problems: list = field(default_factory=list)         # unreadable/missing files: every consumer refuses
 
     def to_dict(self) -> dict:
@@ -288,6 +289,12 @@ RULES += [
     Rule("gptqmodel", "gm.tokenizer", "refuses",
          lambda L: _fires(L.tokenizer is False, "no tokenizer files in the folder"),
          "a tokenizer beside the weights", GM_SRC, "write from a folder that has one"),
+    Rule("gptqmodel", "gm.asym_v1", "refuses",
+         lambda L: _fires(L.is_gptq and L.sym is False and not L.v2 and not L.made_by_gptqmodel,
+                          "Loading of a sym=False model with format=FORMAT.GPTQ is only supported if produced by "
+                          "gptqmodel version >= 0.9.0"),
+         "asymmetric GPTQ only as gptq_v2 (or v1 written by GPTQModel >= 0.9)", GM_SRC + "; models/loader.py",
+         "--format gptq_v2 (or --sym)"),
     Rule("gptqmodel", "gm.zeros_label", "loads-wrong",
          lambda L: _fires(L.is_gptq and L.stored_zero_layout is not None and L.sym and
                           L.stored_zero_layout != ("v2" if L.v2 else "v1"),
