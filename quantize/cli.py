@@ -11,6 +11,7 @@ import re
 import sys
 
 from internvl_kernels.quant.formats import FORMATS
+from .targets import TARGET_CHOICES
 
 EPILOG = """\
 examples:
@@ -18,6 +19,8 @@ examples:
   python -m quantize --model InternVL-Chat-V1-5 --bits 4 --group-size 128 --method gptq --act-order \\
       --device cuda --out InternVL-Chat-V1-5-W4g128
   python -m quantize --model InternVL-Chat-V1-2 --method awq --parts llm --format awq --out V1-2-AWQ
+  python -m quantize --model InternVL-Chat-V1-5 --target lmdeploy --out V1-5-W4-lmdeploy
+  python -m quantize check V1-5-W4-lmdeploy --target lmdeploy   # which runtimes load a quantized folder
 exit codes: 0 success, 2 bad arguments / data / checkpoint (message on stderr), 1 unexpected error.
 """
 
@@ -59,9 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=int, choices=(2, 3, 4, 8), default=4)
     p.add_argument("--group-size", type=_group, default=None,
                    help="input channels per scale/zero group, or -1 (default 128; demo 64)")
-    p.add_argument("--method", choices=("gptq", "awq", "rtn", "smoothquant"), default="gptq",
-                   help="smoothquant: W8A8 (int8 / fp8 weights AND activations) of the vision tower, written as a "
-                        "compressed-tensors folder (vLLM's W8A8 format)")
+    p.add_argument("--method", choices=("gptq", "awq", "rtn", "smoothquant"), default=None,
+                   help="algorithm (default gptq; awq for --target transformers). smoothquant: W8A8 (int8 / fp8 "
+                        "weights AND activations) of the vision tower, written as a compressed-tensors folder "
+                        "(vLLM's W8A8 format)")
     p.add_argument("--w8a8-dtype", choices=("int8", "fp8"), default="int8",
                    help="smoothquant: int8, or fp8 e4m3 (float-quantized; needs sm_89+ to run fast)")
     p.add_argument("--act-scales", choices=("dynamic", "static"), default="dynamic",
@@ -69,7 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "calibrated on the photos")
     p.add_argument("--alphas", default=None, metavar="LIST",
                    help="smoothquant: comma list of migration strengths to search per block (default 0,0.1,...,1)")
-    p.add_argument("--sym", action="store_true", help="symmetric quantization (zero = 2**(bits-1))")
+    p.add_argument("--target", choices=TARGET_CHOICES, default="vllm",
+                   help="the runtime that must load the folder (default vllm): sets its defaults and refuses, before "
+                        "any work, flags it cannot load; 'any' writes what was asked and warns per consumer")
+    sym = p.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="sym", action="store_true", default=None,
+                     help="symmetric quantization (zero = 2**(bits-1)); default for GPTQ formats with --target "
+                          "vllm/lmdeploy")
+    sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric (zero point per group)")
     p.add_argument("--act-order", action="store_true", help="GPTQ desc_act: columns in descending Hessian diagonal")
     p.add_argument("--static-groups", action="store_true", help="GPTQ: fit groups before act-order permutation "
                    "(natural g_idx)")
@@ -112,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["check"]:
+        from .check_cli import main as check_main
+
+        return check_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return _main(args)
@@ -154,8 +170,11 @@ def _main(args) -> int:
     from .report import format_report
     from .runner import QuantizeError, RunConfig, load_model, run
 
+    from .targets import TargetError, apply_defaults, check_model, check_settings, needs_fp16
+
     demo = args.model is None
     try:
+        target_notes = apply_defaults(args)
         if demo:
             from .demo import DEMO_DEFAULTS, DEMO_DESCRIPTION
 
@@ -174,7 +193,7 @@ def _main(args) -> int:
             raise QuantizeError(f"--device {device}: CUDA is not available on this machine")
         if dev.type not in ("cpu", "cuda"):
             raise QuantizeError(f"--device {device}: only cpu and cuda are supported")
-        fmt = args.fmt or ("awq" if args.method == "awq" else "gptq")
+        fmt = args.fmt
         gs = pick(args.group_size, "group_size")
         parts = tuple(p.strip() for p in args.parts.split(",") if p.strip()) if args.parts else ("vision", "llm")
         skip = tuple(s.strip() for item in args.skip for s in item.split(",") if s.strip())
@@ -188,6 +207,14 @@ def _main(args) -> int:
             raise QuantizeError(f"--sink-weight must be > 0, got {args.sink_weight}")
         if not 0 < args.damp < 10:
             raise QuantizeError(f"--damp must be in (0, 10), got {args.damp}")
+        if args.dtype == "auto" and needs_fp16(args.target, st):
+            args.dtype = "float16"
+            target_notes.append("--dtype float16 (vLLM's plain GPTQ/AWQ kernel, used when Marlin cannot run this "
+                                "layout, takes float16 only)")
+        try:
+            target_warnings = check_settings(args.target, st, parts, None if args.dtype == "auto" else args.dtype)
+        except TargetError as e:
+            raise QuantizeError(str(e)) from e
         dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
         if args.threads:
             torch.set_num_threads(args.threads)
@@ -201,8 +228,22 @@ def _main(args) -> int:
             out = args.out or d["out"]
         else:
             lm = load_model(args.model, dtype)
-            out = args.out or _default_out(args.model, args.method, args.bits, gs)
-        rc = RunConfig(settings=st, parts=parts, nsamples=pick(args.nsamples, "nsamples"),
+        try:
+            avail = {"internvl_chat": ("vision", "llm"), "intern_vit": ("vision",), "llm": ("llm",)}[lm.kind]
+            model_dtype = str(next(lm.model.parameters()).dtype).replace("torch.", "")
+            more_notes, more_warn = check_model(args.target, lm, st, [p for p in parts if p in avail], model_dtype,
+                                                group_given=args.group_size is not None,
+                                                dtype_given=args.dtype != "auto")
+        except TargetError as e:
+            raise QuantizeError(str(e)) from e
+        target_notes += more_notes
+        if not demo:
+            out = args.out or _default_out(args.model, args.method, args.bits, st.group_size)
+        for n in target_notes:
+            print(f"--target {args.target}: {n}", file=sys.stderr)
+        for w in dict.fromkeys(target_warnings + more_warn):
+            print(f"warning (--target {args.target}): {w}", file=sys.stderr)
+        rc = RunConfig(settings=st, parts=parts, target=args.target, nsamples=pick(args.nsamples, "nsamples"),
                        seqlen=pick(args.seqlen, "seqlen"), calib_images=args.calib_images, calib_text=args.calib_text,
                        max_calib_images=pick(args.max_calib_images, "max_calib_images"),
                        max_tiles=pick(args.max_tiles, "max_tiles"), eval_windows=pick(args.eval_windows, "eval_windows"),

@@ -58,6 +58,13 @@ def format_report(rep: dict, max_layers: int = 12) -> str:
             lines.append(f"  {r['name'][-58:]:58s} {_fmt(r['output_rel_err']):>8s} {_fmt(r['weight_rel_err']):>8s}")
     mem = ", ".join(f"{k} {v}" for k, v in m.items() if "peak" in k)
     lines.append(f"time: quantize {m.get('seconds_quantize')} s, total {m.get('seconds_total')} s; peak memory: {mem}")
+    if rep.get("consumers"):
+        t = rep.get("target", {})
+        lines.append(f"loads where (python -m quantize check; target {t.get('name')}: "
+                     f"{'OK' if t.get('ok') else 'NOT MET'}):")
+        for k, v in rep["consumers"].items():
+            why = f" — {v['reasons'][0]}" if v["reasons"] and v["verdict"] != "loads" else ""
+            lines.append(f"  {k:20s} {v['verdict']}{why}")
     if rep.get("out"):
         lines.append(f"wrote {rep['out']} ({len(rep.get('files', []))} files)")
     lines.append("=" * 78)

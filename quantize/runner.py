@@ -42,6 +42,7 @@ class RunConfig:
     overwrite: bool = False
     max_shard_size: int = 5 * 1024 ** 3
     write: bool = True
+    target: str = "any"  # --target: which consumers must load the written folder (quantize.targets)
 
 
 @dataclass
@@ -287,13 +288,15 @@ def run(rc: RunConfig, lm: LoadedModel, log=print) -> dict:
 
             try:
                 write_checkpoint(tmp, lm.kind, model, _raw_config(lm), res.results, qconfig, lm.src_dir,
-                                 lm.tokenizer if lm.src_dir is None else None, rc.max_shard_size)
+                                 lm.tokenizer if lm.src_dir is None else None, rc.max_shard_size,
+                                 qconfig_in_llm_config=rc.target in ("lmdeploy", "any"))
             except Exception as e:  # disk full / quota / I/O error (safetensors raises its own SafetensorError)
                 err = _write_error(e, rc.out)
                 if err is e:
                     raise
                 raise err from e
             report["metrics"]["seconds_write"] = round(time.perf_counter() - t0, 2)
+            _check_written(tmp, rc.target, report)
             report["metrics"]["seconds_total"] = round(time.perf_counter() - t_start, 2)
             report["out"] = os.path.abspath(rc.out)
             # every file of the folder (the tokenizer's and config files included), the report itself too
@@ -329,6 +332,19 @@ def _write_error(e: Exception, out: str) -> Exception:
     else:
         return e
     return QuantizeError(f"--out: writing {os.path.abspath(out)} failed ({why}); nothing was written")
+
+
+def _check_written(folder: str, target: str, report: dict) -> None:
+    """Run the consumer checker on what was just written; a folder its target does not load is not committed."""
+    from internvl_kernels.quant.checker import check_folder
+
+    chk = check_folder(folder, target)
+    report["consumers"] = {k: {"verdict": v["verdict"], "reasons": [r["detail"] for r in v["reasons"]]}
+                           for k, v in chk["verdicts"].items()}
+    report["target"] = chk["target"]
+    if not chk["target"]["ok"]:
+        raise QuantizeError(f"--target {target}: the written folder does not pass its own check (nothing was "
+                            "written):\n  " + "\n  ".join(chk["target"]["errors"]))
 
 
 def _raw_config(lm: LoadedModel) -> dict:

@@ -97,8 +97,13 @@ def copy_other_files(src: str, dst: str) -> list[str]:
 
 
 def write_checkpoint(out_dir: str, kind: str, model, raw_config: dict, results: dict, qconfig: dict,
-                     src_dir: str | None = None, tokenizer=None, max_shard_size: int = 5 * 1024 ** 3) -> list[str]:
-    """Write everything into ``out_dir`` (which must exist and be empty: the caller's temporary folder)."""
+                     src_dir: str | None = None, tokenizer=None, max_shard_size: int = 5 * 1024 ** 3,
+                     qconfig_in_llm_config: bool = False) -> list[str]:
+    """Write everything into ``out_dir`` (which must exist and be empty: the caller's temporary folder).
+
+    ``qconfig_in_llm_config``: InternVL-Chat also gets ``llm_config.quantization_config`` (lmdeploy's PyTorch engine
+    reads it there, as lmdeploy's own ``auto_awq`` writes it).
+    """
     sd, quantized = build_state_dict(kind, model, results, qconfig["format"] if "format" in qconfig else
                                      ("awq" if qconfig["quant_method"] == "awq" else qconfig["checkpoint_format"]))
     copied = []
@@ -110,6 +115,8 @@ def write_checkpoint(out_dir: str, kind: str, model, raw_config: dict, results: 
     qconfig["quantized_modules"] = quantized
     cfg = dict(raw_config)
     cfg["quantization_config"] = qconfig
+    if qconfig_in_llm_config and kind == "internvl_chat" and isinstance(cfg.get("llm_config"), dict):
+        cfg["llm_config"] = {**cfg["llm_config"], "quantization_config": qconfig}
     dtypes = {str(t.dtype).replace("torch.", "") for k, t in sd.items() if t.is_floating_point()
               and not k.endswith(".scales")}
     if len(dtypes) == 1:
