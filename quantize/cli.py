@@ -83,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mm-samples", type=_pos_int, default=None,
                    help="image+text chat-path samples added to the LLM calibration (default 4; demo 2)")
     p.add_argument("--eval-windows", type=_pos_int, default=None, help="held-out text windows (default 16; demo 8)")
+    p.add_argument("--eval-offset", type=_pos_int, default=None,
+                   help="first held-out window (default 0: the dev part, windows 0-99; 100: the test part)")
+    p.add_argument("--eval-protocol", choices=("default", "table"), default="default",
+                   help="table: the documented quality protocol (128 calibration windows x 512 tokens, 40 held-out "
+                        "test windows 100-139); explicit --nsamples/--seqlen/--eval-windows/--eval-offset win")
     p.add_argument("--eval-images", type=_pos_int, default=None, help="held-out photos (default 4; demo 2)")
     p.add_argument("--batch-size", type=_pos_int, default=4)
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
@@ -127,6 +132,11 @@ def _main(args) -> int:
         else:
             d = {"group_size": 128, "nsamples": 128, "seqlen": 512, "eval_windows": 16, "eval_images": 4,
                  "mm_samples": 4, "max_calib_images": None, "max_tiles": None}
+        d = dict(d, eval_offset=0)
+        if args.eval_protocol == "table":  # scripts/quality_smollm2.py's protocol
+            from .calib import TEST_OFFSET
+
+            d.update(nsamples=128, seqlen=512, eval_windows=40, eval_offset=TEST_OFFSET)
         pick = lambda v, k: d[k] if v is None else v  # noqa: E731
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         try:
@@ -137,7 +147,11 @@ def _main(args) -> int:
             raise QuantizeError(f"--device {device}: CUDA is not available on this machine")
         if dev.type not in ("cpu", "cuda"):
             raise QuantizeError(f"--device {device}: only cpu and cuda are supported")
-        fmt = args.fmt or ("awq" if args.method == "awq" else "gptq")
+        # AWQ GEMM stores 4-bit only: other widths of --method awq go to gptq_v2 (which stores any zero point)
+        fmt = args.fmt or (("awq" if args.bits == 4 else "gptq_v2") if args.method == "awq" else "gptq")
+        if args.method == "awq" and args.fmt is None and fmt != "awq":
+            print(f"note: --method awq --bits {args.bits}: the AWQ GEMM format is 4-bit only; writing gptq_v2 "
+                  "(loads in GPTQModel/vLLM-style gptq_v2 readers and this project's runtime)", file=sys.stderr)
         gs = pick(args.group_size, "group_size")
         parts = tuple(p.strip() for p in args.parts.split(",") if p.strip()) if args.parts else ("vision", "llm")
         skip = tuple(s.strip() for item in args.skip for s in item.split(",") if s.strip())
@@ -168,6 +182,7 @@ def _main(args) -> int:
                        seqlen=pick(args.seqlen, "seqlen"), calib_images=args.calib_images, calib_text=args.calib_text,
                        max_calib_images=pick(args.max_calib_images, "max_calib_images"),
                        max_tiles=pick(args.max_tiles, "max_tiles"), eval_windows=pick(args.eval_windows, "eval_windows"),
+                       eval_offset=pick(args.eval_offset, "eval_offset"),
                        eval_images=pick(args.eval_images, "eval_images"), mm_samples=pick(args.mm_samples, "mm_samples"),
                        batch_size=max(1, args.batch_size), out=out, overwrite=args.overwrite,
                        max_shard_size=args.max_shard_size, write=not args.no_write)
