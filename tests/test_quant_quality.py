@@ -2,9 +2,11 @@
 
 Regular (fast): one real SmolLM2-135M Linear with real calibration activations (GPTQ clearly below RTN on held-out
 activations); InternViT (random init, real 6B block structure, real photos through the tiler): feature SQNR at W4
-g128 per method, W8 >= 35 dB.
-Slow (``-m slow``; CI should not run them by default): the perplexity bars (GPTQ and AWQ close >= half of RTN's gap at
-W4 and W3) and the full CPU demo.
+g128 per method, W8 >= 35 dB; the attention-sink error of plain vs sink-weighted GPTQ on a real v_proj; RTN decodes
+within half a step in every storage format.
+Slow (``-m slow``; CI should not run them by default): the perplexity bars on the test part of the held-out split
+(GPTQ with the CLI defaults closes >= half of RTN's gap at W4, AWQ and the recommended GPTQ flags at W4 and W3, plain
+GPTQ >= 25 % — a strict xfail with the measured cause) and the full CPU demo.
 """
 import json
 import os
@@ -106,17 +108,20 @@ def _ppl_rows(names):
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts"))
     from quality_smollm2 import CONFIGS, run_one
 
-    # scripts/quality_smollm2.py protocol, reduced: 16 calibration windows, 8 held-out windows of 512 tokens
+    from quantize.calib import TEST_OFFSET
+
+    # scripts/quality_smollm2.py protocol, reduced: 16 calibration windows, 8 held-out windows of 512 tokens from the
+    # test part of the held-out split (never used to choose an option)
     args = argparse.Namespace(group_size=64, seed=0, quiet=True, awq_search_tokens=4096, nsamples=16, seqlen=512,
-                              eval_windows=8)
+                              eval_windows=8, eval_offset=TEST_OFFSET)
     return {n: run_one(n, CONFIGS[n], args) for n in names}
 
 
-def _closes_half(rows, method, bits):
+def _closes_half(rows, method, bits, share=0.5):
     f = rows[f"rtn{bits}"]["ppl_float"]
     gap = rows[f"rtn{bits}"]["ppl"] - f
     assert gap > 0
-    return rows[f"{method}{bits}"]["ppl"] <= f + 0.5 * gap
+    return rows[f"{method}{bits}"]["ppl"] <= f + (1 - share) * gap
 
 
 @pytest.mark.slow
@@ -136,12 +141,23 @@ def test_perplexity_bars_smollm2_gptq():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="known: plain GPTQ (no act-order, min/max ranges, unweighted Hessian) only "
-                   "matches RTN's perplexity on SmolLM2-135M (W4 17.09 vs 17.08) although it lowers every layer's "
-                   "output error; see quantize/README.md. Remove the xfail if it ever passes.")
+def test_perplexity_bars_smollm2_cli_defaults():
+    """GPTQ with the CLI defaults (sink weight 512, chosen on held-out windows 0-7) closes at least half of RTN's
+    perplexity gap at W4 on the test part of the held-out split (windows 100-107)."""
+    rows = _ppl_rows(["rtn4", "gptq4cli"])
+    f, rtn = rows["rtn4"]["ppl_float"], rows["rtn4"]["ppl"]
+    assert rtn > f and rows["gptq4cli"]["ppl"] <= f + 0.5 * (rtn - f), rows
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="known: plain GPTQ (token-uniform Hessians) lowers every layer's output error "
+                   "for ordinary tokens but breaks the attention sink's key/value (each window's first token; "
+                   "test_gptq_attention_sink_error_on_real_smollm2_layer), so it stays near RTN's perplexity on "
+                   "SmolLM2-135M; see quantize/README.md. Remove the xfail if it ever passes.")
 def test_perplexity_bars_smollm2_plain_gptq():
+    """Plain GPTQ (sink weight 1) closes at least 25 % of RTN's perplexity gap at W4 (issue bar)."""
     rows = _ppl_rows(["rtn4", "gptq4"])
-    assert _closes_half(rows, "gptq", 4), rows
+    assert _closes_half(rows, "gptq", 4, share=0.25), rows
 
 
 @pytest.mark.slow
