@@ -84,7 +84,7 @@ def table(rows) -> str:
            f"| 16 | float | {ppl_float:.3f} | – | – | – |"]
     for bits in (4, 3):
         rtn = by.get(f"rtn{bits}")
-        for key, label in ((f"rtn{bits}", "RTN"), (f"gptq{bits}", "GPTQ"), (f"gptq{bits}ao", "GPTQ + act-order"),
+        for key, label in ((f"rtn{bits}", "RTN"), (f"gptq{bits}", "GPTQ plain (sink weight 1)"), (f"gptq{bits}ao", "GPTQ + act-order"),
                            (f"awq{bits}", "AWQ"), (f"gptq{bits}cli", "GPTQ, CLI defaults (sink weight 512)"),
                            (f"gptq{bits}sink", "GPTQ + sink weight 512"),
                            (f"gptq{bits}aosink", "GPTQ + act-order + sink weight 512"),
