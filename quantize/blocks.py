@@ -67,6 +67,10 @@ def fold_scale(group: ScaleGroup, linears: dict[str, nn.Linear], s: torch.Tensor
             lin.weight.copy_((lin.weight.to(torch.float32) * s.to(lin.weight.device)[None, :]).to(lin.weight.dtype))
 
 
+class _Halt(Exception):
+    """Stops a sub-module's forward once the wanted input is captured."""
+
+
 class _Block:
     kind = "block"
     sequential: list[list[str]] = []
@@ -111,6 +115,73 @@ class LlamaBlock(_Block):
     def forward(self, x, kwargs):
         out = self.module(x, **(kwargs or {}))
         return out[0] if isinstance(out, tuple) else out
+
+    def forward_sequential(self, stream, capture, quantize) -> list:
+        """One forward of ``stream`` through the block, stage by stage, quantizing on the way (true-sequential GPTQ
+        at the cost of a single block forward).
+
+        For each group of :attr:`sequential` in order: ``capture(name, x)`` is called with the input of every Linear
+        of the group for every batch, then ``quantize(group_index)`` (which replaces the group's weights), and only
+        then are the group's outputs computed — with the quantized weights. The stages follow the Llama decoder layer
+        exactly (``h + attn(norm1(h))``, then ``+ mlp(norm2(·))``, the module's own attention and activation), so with
+        unchanged weights the result equals :meth:`forward` bit for bit. Returns the block outputs, one per batch.
+        """
+        m = self.module
+        attn, mlp = m.self_attn, m.mlp
+        qkv, o, gate_up, down = self.sequential
+        # 1. q/k/v see input_layernorm(h)
+        for x, _ in stream:
+            n1 = m.input_layernorm(x)
+            for name in qkv:
+                capture(name, n1)
+        quantize(0)
+        # 2. o_proj sees the attention of the quantized q/k/v: keep it (the float o_proj output is discarded)
+        inner = []
+
+        def grab(mod, args):
+            inner.append(args[0])
+            raise _Halt
+
+        h = attn.o_proj.register_forward_pre_hook(grab)
+        try:
+            for x, kw in stream:
+                kw = {k: v for k, v in (kw or {}).items() if k not in ("use_cache", "cache", "past_key_values")}
+                try:
+                    attn(hidden_states=m.input_layernorm(x), **kw)
+                except _Halt:
+                    pass
+                capture(o[0], inner[-1])
+        finally:
+            h.remove()
+        quantize(1)
+        h2 = [x + attn.o_proj(a) for (x, _), a in zip(stream, inner)]
+        del inner
+        # 3. gate/up see post_attention_layernorm(h2)
+        for x in h2:
+            n2 = m.post_attention_layernorm(x)
+            for name in gate_up:
+                capture(name, n2)
+        quantize(2)
+        # 4. down_proj sees act(gate(·)) * up(·) of the quantized gate/up
+        mid = []
+
+        def grab_mid(mod, args):
+            mid.append(args[0])
+            raise _Halt
+
+        h = mlp.down_proj.register_forward_pre_hook(grab_mid)
+        try:
+            for x in h2:
+                try:
+                    mlp(m.post_attention_layernorm(x))
+                except _Halt:
+                    pass
+                capture(down[0], mid[-1])
+        finally:
+            h.remove()
+        quantize(3)
+        out = [x + mlp.down_proj(a) for x, a in zip(h2, mid)]
+        return out
 
     def scale_groups(self) -> list[ScaleGroup]:
         m = self.module

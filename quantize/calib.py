@@ -5,7 +5,8 @@ Text protocol (fixed, independent of ``--seed`` for the held-out part):
 * articles of ``summaries_en-us.json`` sorted by title; article ``i`` is **held out** when ``i % 10 == 0``
   (1,004 of 10,033), the rest is the calibration pool;
 * held-out windows: the held-out intros in title order, joined with ``"\\n\\n"``, tokenized once, cut into
-  consecutive non-overlapping windows of ``seqlen`` tokens; the first ``n`` windows are used;
+  consecutive non-overlapping windows of ``seqlen`` tokens; windows ``offset … offset+n-1`` are used
+  (dev part: windows 0-99, the CLI default ``offset`` 0; test part: from ``TEST_OFFSET`` = 100);
 * calibration windows: the calibration pool shuffled with ``--seed``, joined and cut the same way; the first
   ``nsamples`` windows. ``--calib-text FILE`` replaces the pool by the file's text (a .json file in the same
   format or plain text).
@@ -25,7 +26,8 @@ import numpy as np
 import torch
 
 __all__ = ["CALIB_PHOTOS", "HELDOUT_PHOTOS", "CalibrationError", "skimage_photo", "calibration_images",
-           "heldout_images", "wiki_articles", "text_windows", "calibration_windows", "heldout_windows"]
+           "heldout_images", "wiki_articles", "text_windows", "calibration_windows", "heldout_windows",
+           "TEST_OFFSET"]
 
 CALIB_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "camera",
                 "coins", "page", "text", "brick", "clock")
@@ -161,6 +163,14 @@ def calibration_windows(tokenizer, nsamples: int, seqlen: int, seed: int, text_f
     return text_windows(pool, tokenizer, seqlen, nsamples, "calibration text")
 
 
-def heldout_windows(tokenizer, n: int, seqlen: int) -> torch.Tensor:
+def heldout_windows(tokenizer, n: int, seqlen: int, offset: int = 0) -> torch.Tensor:
+    """Held-out windows ``offset … offset + n - 1`` of the held-out split (see the module docstring).
+
+    Windows 0-99 are the *dev* part (the CLI's quick report; options were tuned there), windows from
+    :data:`TEST_OFFSET` on the *test* part of the quality table (``--eval-protocol table``).
+    """
     _, held = wiki_articles()
-    return text_windows(held, tokenizer, seqlen, n, "held-out text")
+    return text_windows(held, tokenizer, seqlen, offset + n, "held-out text")[offset:]
+
+
+TEST_OFFSET = 100  # first held-out window of the test part (seqlen 512: the held-out split has 210 windows)

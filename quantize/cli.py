@@ -105,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mm-samples", type=_pos_int, default=None,
                    help="image+text chat-path samples added to the LLM calibration (default 4; demo 2)")
     p.add_argument("--eval-windows", type=_pos_int, default=None, help="held-out text windows (default 16; demo 8)")
+    p.add_argument("--eval-offset", type=_pos_int, default=None,
+                   help="first held-out window (default 0: the dev part, windows 0-99; 100: the test part)")
+    p.add_argument("--eval-protocol", choices=("default", "table"), default="default",
+                   help="table: the documented quality protocol (128 calibration windows x 512 tokens, 40 held-out "
+                        "test windows 100-139); explicit --nsamples/--seqlen/--eval-windows/--eval-offset win")
     p.add_argument("--eval-images", type=_pos_int, default=None, help="held-out photos (default 4; demo 2)")
     p.add_argument("--batch-size", type=_pos_int, default=4)
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
@@ -183,6 +188,11 @@ def _main(args) -> int:
         else:
             d = {"group_size": 128, "nsamples": 128, "seqlen": 512, "eval_windows": 16, "eval_images": 4,
                  "mm_samples": 4, "max_calib_images": None, "max_tiles": None}
+        d = dict(d, eval_offset=0)
+        if args.eval_protocol == "table":  # scripts/quality_smollm2.py's protocol
+            from .calib import TEST_OFFSET
+
+            d.update(nsamples=128, seqlen=512, eval_windows=40, eval_offset=TEST_OFFSET)
         pick = lambda v, k: d[k] if v is None else v  # noqa: E731
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         try:
@@ -247,6 +257,7 @@ def _main(args) -> int:
                        seqlen=pick(args.seqlen, "seqlen"), calib_images=args.calib_images, calib_text=args.calib_text,
                        max_calib_images=pick(args.max_calib_images, "max_calib_images"),
                        max_tiles=pick(args.max_tiles, "max_tiles"), eval_windows=pick(args.eval_windows, "eval_windows"),
+                       eval_offset=pick(args.eval_offset, "eval_offset"),
                        eval_images=pick(args.eval_images, "eval_images"), mm_samples=pick(args.mm_samples, "mm_samples"),
                        batch_size=max(1, args.batch_size), out=out, overwrite=args.overwrite,
                        max_shard_size=args.max_shard_size, write=not args.no_write)

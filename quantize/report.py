@@ -56,6 +56,11 @@ def format_report(rep: dict, max_layers: int = 12) -> str:
         lines.append(f"  {'layer':58s} {'out_err':>8s} {'w_err':>8s}")
         for r in worst:
             lines.append(f"  {r['name'][-58:]:58s} {_fmt(r['output_rel_err']):>8s} {_fmt(r['weight_rel_err']):>8s}")
+    blocks = rep.get("blocks", [])
+    if layers and blocks:
+        lines.append(f"time per quantized Linear {sum(r['seconds'] for r in layers) / len(layers):.3f} s, per block "
+                     f"{sum(r['seconds'] for r in blocks) / len(blocks):.2f} s (incl. its calibration and held-out "
+                     "forwards)")
     mem = ", ".join(f"{k} {v}" for k, v in m.items() if "peak" in k)
     lines.append(f"time: quantize {m.get('seconds_quantize')} s, total {m.get('seconds_total')} s; peak memory: {mem}")
     if rep.get("consumers"):

@@ -35,6 +35,7 @@ class RunConfig:
     max_calib_images: int | None = None
     max_tiles: int | None = None  # dynamic tiling max_num for calibration (default: the model's)
     eval_windows: int = 16
+    eval_offset: int = 0  # first held-out window (quantize.calib.heldout_windows; 100 = the table's test part)
     eval_images: int = 4
     mm_samples: int = 4  # image+text samples through the chat path for LLM calibration (chat models)
     batch_size: int = 4

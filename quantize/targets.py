@@ -40,6 +40,10 @@ def apply_defaults(args) -> list[str]:
         args.method = "gptq"
     if args.fmt is None:
         args.fmt = "awq" if args.method == "awq" or (t == "transformers" and args.method == "rtn") else "gptq"
+        if args.fmt == "awq" and args.bits != 4:  # AWQ GEMM stores 4-bit only; gptq_v2 stores any zero point
+            args.fmt = "gptq_v2"
+            notes.append(f"--format gptq_v2 (--bits {args.bits}: the AWQ GEMM format is 4-bit only; gptq_v2 loads in "
+                         "GPTQModel, vLLM's gptq readers and this project's runtime)")
     if t == "lmdeploy" and args.parts is None:
         args.parts = "llm"
         notes.append("--parts llm (lmdeploy never quantizes the vision tower)")

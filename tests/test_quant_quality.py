@@ -2,9 +2,11 @@
 
 Regular (fast): one real SmolLM2-135M Linear with real calibration activations (GPTQ clearly below RTN on held-out
 activations); InternViT (random init, real 6B block structure, real photos through the tiler): feature SQNR at W4
-g128 per method, W8 >= 35 dB.
-Slow (``-m slow``; CI should not run them by default): the perplexity bars (GPTQ and AWQ close >= half of RTN's gap at
-W4 and W3) and the full CPU demo.
+g128 per method, W8 >= 35 dB; the attention-sink error of plain vs sink-weighted GPTQ on a real v_proj; RTN decodes
+within half a step in every storage format.
+Slow (``-m slow``; CI should not run them by default): the perplexity bars on the test part of the held-out split
+(GPTQ with the CLI defaults closes >= half of RTN's gap at W4, AWQ and the recommended GPTQ flags at W4 and W3, plain
+GPTQ >= 25 % — a strict xfail with the measured cause) and the full CPU demo.
 """
 import json
 import os
@@ -106,17 +108,20 @@ def _ppl_rows(names):
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts"))
     from quality_smollm2 import CONFIGS, run_one
 
-    # scripts/quality_smollm2.py protocol, reduced: 16 calibration windows, 8 held-out windows of 512 tokens
+    from quantize.calib import TEST_OFFSET
+
+    # scripts/quality_smollm2.py protocol, reduced: 16 calibration windows, 8 held-out windows of 512 tokens from the
+    # test part of the held-out split (never used to choose an option)
     args = argparse.Namespace(group_size=64, seed=0, quiet=True, awq_search_tokens=4096, nsamples=16, seqlen=512,
-                              eval_windows=8)
+                              eval_windows=8, eval_offset=TEST_OFFSET)
     return {n: run_one(n, CONFIGS[n], args) for n in names}
 
 
-def _closes_half(rows, method, bits):
+def _closes_half(rows, method, bits, share=0.5):
     f = rows[f"rtn{bits}"]["ppl_float"]
     gap = rows[f"rtn{bits}"]["ppl"] - f
     assert gap > 0
-    return rows[f"{method}{bits}"]["ppl"] <= f + 0.5 * gap
+    return rows[f"{method}{bits}"]["ppl"] <= f + (1 - share) * gap
 
 
 @pytest.mark.slow
@@ -136,12 +141,23 @@ def test_perplexity_bars_smollm2_gptq():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="known: plain GPTQ (no act-order, min/max ranges, unweighted Hessian) only "
-                   "matches RTN's perplexity on SmolLM2-135M (W4 17.09 vs 17.08) although it lowers every layer's "
-                   "output error; see quantize/README.md. Remove the xfail if it ever passes.")
+def test_perplexity_bars_smollm2_cli_defaults():
+    """GPTQ with the CLI defaults (sink weight 512, chosen on held-out windows 0-7) closes at least half of RTN's
+    perplexity gap at W4 on the test part of the held-out split (windows 100-107)."""
+    rows = _ppl_rows(["rtn4", "gptq4cli"])
+    f, rtn = rows["rtn4"]["ppl_float"], rows["rtn4"]["ppl"]
+    assert rtn > f and rows["gptq4cli"]["ppl"] <= f + 0.5 * (rtn - f), rows
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="known: plain GPTQ (token-uniform Hessians) lowers every layer's output error "
+                   "for ordinary tokens but breaks the attention sink's key/value (each window's first token; "
+                   "test_gptq_attention_sink_error_on_real_smollm2_layer), so it stays near RTN's perplexity on "
+                   "SmolLM2-135M; see quantize/README.md. Remove the xfail if it ever passes.")
 def test_perplexity_bars_smollm2_plain_gptq():
+    """Plain GPTQ (sink weight 1) closes at least 25 % of RTN's perplexity gap at W4 (issue bar)."""
     rows = _ppl_rows(["rtn4", "gptq4"])
-    assert _closes_half(rows, "gptq", 4), rows
+    assert _closes_half(rows, "gptq", 4, share=0.25), rows
 
 
 @pytest.mark.slow
@@ -158,3 +174,86 @@ def test_full_demo_default_command(tmp_path):
     rep = json.loads((out / "quant_report.json").read_text())
     m = rep["metrics"]
     assert m["vit_feature_sqnr_db"] > 25 and m["llm_ppl_quant"] < 2 * m["llm_ppl_float"]
+
+
+def _block_inputs(model, layer, name, ids):
+    """``[windows, S, C]`` inputs of ``model.layers[layer].<name>`` for the token windows ``ids`` (float model)."""
+    caught = []
+
+    class Stop(Exception):
+        pass
+
+    def hook(mod, args):
+        caught.append(args[0].detach())
+        raise Stop
+
+    h = model.model.layers[layer].get_submodule(name).register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            for b in torch.split(ids, 4):
+                try:
+                    model.model(input_ids=b)
+                except Stop:
+                    pass
+    finally:
+        h.remove()
+    return torch.cat(caught)
+
+
+def test_gptq_attention_sink_error_on_real_smollm2_layer(smollm2):
+    """Pins why plain GPTQ does not lower SmolLM2's perplexity: on a real v_proj (layer 12) it lowers the held-out
+    output error of ordinary tokens far below RTN's but raises the error of each window's first token — the attention
+    sink, whose value every later query reads — above the signal itself, because the sink's input lies in a direction
+    the token-uniform Hessian gives almost no weight. Weighting the first token in the k/v Hessians (``sink_weight``,
+    the CLI default 512) brings the sink's error back below RTN's while keeping most of the gain on the other tokens."""
+    from quantize.calib import calibration_windows, heldout_windows
+    from quantize.gptq import Hessian, gptq_quantize
+    from quantize.rtn import rtn_quantize
+
+    model, tok = smollm2
+    layer, name = 12, "self_attn.v_proj"
+    x_cal = _block_inputs(model, layer, name, calibration_windows(tok, 16, 256, seed=0))
+    x_ev = _block_inputs(model, layer, name, heldout_windows(tok, 4, 256, offset=100))  # the test part
+    W = model.model.layers[layer].get_submodule(name).weight.data
+    y = x_ev @ W.t()
+
+    def errs(r):
+        e = x_ev @ r.dequantized.t() - y
+        return float(e[:, 0].norm() / y[:, 0].norm()), float(e[:, 1:].norm() / y[:, 1:].norm())
+
+    def hessian(sink_weight):
+        H = Hessian(W.shape[1])
+        x = x_cal.clone()
+        x[:, 0] *= sink_weight ** 0.5
+        H.add(x)
+        return H.H
+
+    first_rtn, rest_rtn = errs(rtn_quantize(W, 4, 64))
+    first_plain, rest_plain = errs(gptq_quantize(W, hessian(1.0), 4, 64))
+    first_sink, rest_sink = errs(gptq_quantize(W, hessian(512.0), 4, 64))
+    print(f"layer {layer} {name} W4 g64 held-out output rel. error (first token / rest): RTN {first_rtn:.3f} / "
+          f"{rest_rtn:.3f}, GPTQ {first_plain:.3f} / {rest_plain:.3f}, GPTQ sink 512 {first_sink:.3f} / {rest_sink:.3f}")
+    assert rest_plain < 0.6 * rest_rtn  # GPTQ works for ordinary tokens ...
+    assert first_plain > 2 * first_rtn  # ... and breaks the sink
+    assert first_sink < first_rtn and rest_sink < 0.8 * rest_rtn
+
+
+def test_rtn_decodes_within_half_a_step_in_every_format():
+    """Codes are rounded against the stored (fp16) scale and zero: the packed tensors of every format decode to within
+    half a step of the original weight, plus the fp16 rounding of the decoded value itself."""
+    from quantize import formats
+    from quantize.rtn import rtn_quantize
+
+    g = torch.Generator().manual_seed(7)
+    W = torch.randn(96, 320, generator=g) * torch.logspace(-3, 0, 320)[None, :]  # wide range of group scales
+    W[3] = W[3].abs() + 0.5  # a row with no negative weight (zero point 0 in gptq_v2/awq, widened grid in v1)
+    for fmt, min_zero in (("gptq", 1), ("gptq_v2", 0), ("awq", 0)):
+        for bits in ((4,) if fmt == "awq" else (4, 3, 8)):
+            r = rtn_quantize(W, bits, 64, sym=False, min_zero=min_zero)
+            t = r.pack(fmt)
+            deq = formats.dequantize(t, fmt, bits, 64, torch.float32)
+            step = r.scales[r.g_idx.long()].t()
+            fp16_ulp = deq.abs().to(torch.float16).float() * 2 ** -10
+            over = (W - deq).abs() - (0.5 * step + fp16_ulp)
+            assert torch.isfinite(deq).all()
+            assert float(over.max()) <= 1e-7, (fmt, bits, float(over.max()))
