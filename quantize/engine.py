@@ -201,15 +201,18 @@ def _gptq_block_staged(ad, prefix, calib, st, res, todo) -> Stream:
             hs[k][0].add(_hessian_input(ad, st, name, x))
 
     def quantize(gi):
-        for n in ad.sequential[gi]:
-            if n not in todo:
-                continue
+        names = [n for n in ad.sequential[gi] if n in todo]
+        # Linears stored as one packed tensor (InternLM2's wqkv) share one act-order column order (one g_idx)
+        shared = [n for n in names if n in st.packed_linears]
+        perm = shared_act_order([hs[key(n)][0].H for n in shared]) if st.act_order and len(shared) > 1 else None
+        for n in names:
             lin = todo[n]
             t0 = time.perf_counter()
             w = lin.weight.data
             H = hs[key(n)][0].H
             r = gptq_quantize(w, H, st.bits, st.group_size, st.sym, st.act_order, st.static_groups, st.damp,
-                              st.blocksize, st.min_zero, st.mse, cache=factors.setdefault(key(n), {}))
+                              st.blocksize, st.min_zero, st.mse, perm=perm if n in shared else None,
+                              cache=factors.setdefault(key(n), {}))
             _finish(res, prefix, n, lin, r, H / 2, w.clone(), time.perf_counter() - t0)
         for k in [k for k in hs if k[0] == gi]:
             del hs[k]
