@@ -4,7 +4,7 @@ AutoAWQ's model code does not import under transformers 5, but its GEMM packing 
 its decoder (``packing_utils.dequantize_gemm``) do. Forward: a folder ``python -m quantize`` wrote is decoded by
 AutoAWQ, weight by weight, and a float model built from AutoAWQ's decode gives the same logits as this project's
 runtime on that folder. Reverse: a folder whose every Linear was packed by AutoAWQ (with AutoAWQ's config fields)
-loads in ``internvl_kernels.quant.load_quantized_llm`` with the logits of AutoAWQ's decode. ``python -m quantize
+loads in ``internvl_kernels.model.load_quantized_llm`` with the logits of AutoAWQ's decode. ``python -m quantize
 check`` reads both folders.
 """
 import json
@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from internvl_kernels.quant import load_quantized_llm
+from internvl_kernels.model import load_quantized_llm
 from internvl_kernels.quant.checker import check_folder
 from quantize.cli import main
 from tests.test_quant_interop import _import_autoawq_gemm

@@ -18,7 +18,7 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 gptqmodel = pytest.importorskip("gptqmodel", reason="gptqmodel is not installed (optional consumer check: "
                                 "bash .ci/gptqmodel.sh builds its venv and runs this file)")
 
-from internvl_kernels.quant import load_quantized_llm  # noqa: E402
+from internvl_kernels.model import load_quantized_llm  # noqa: E402
 from internvl_kernels.quant.checker import check_folder  # noqa: E402
 from quantize.cli import main  # noqa: E402
 
