@@ -96,7 +96,7 @@ def test_awq_3bit_on_the_default_format_writes_gptq_v2(ckpt, tmp_path, capsys):
     assert q["bits"] == 3 and q.get("checkpoint_format") == "gptq_v2", q
 
 
-def test_eval_protocol_table_sets_the_documented_protocol(monkeypatch):
+def test_eval_protocol_table_sets_the_documented_protocol(ckpt, monkeypatch):
     """``--eval-protocol table`` = 128 calibration windows x 512 tokens, 40 held-out test windows from window 100;
     explicit flags still win."""
     import quantize.runner as runner
@@ -108,10 +108,9 @@ def test_eval_protocol_table_sets_the_documented_protocol(monkeypatch):
         raise runner.QuantizeError("stop here")
 
     monkeypatch.setattr(runner, "run", fake_run)
-    monkeypatch.setattr(runner, "load_model", lambda path, dtype: None)
-    assert main(["--model", "x", "--eval-protocol", "table", "--no-progress", "--device", "cpu"]) == 2
+    assert main(["--model", ckpt, "--eval-protocol", "table", "--no-progress", "--device", "cpu"]) == 2
     assert seen == {"nsamples": 128, "seqlen": 512, "eval_windows": 40, "eval_offset": 100}
-    assert main(["--model", "x", "--eval-protocol", "table", "--eval-windows", "48", "--device", "cpu"]) == 2
+    assert main(["--model", ckpt, "--eval-protocol", "table", "--eval-windows", "48", "--device", "cpu"]) == 2
     assert seen["eval_windows"] == 48 and seen["eval_offset"] == 100
 
 

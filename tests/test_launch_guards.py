@@ -53,7 +53,21 @@ def _cases():
         "linear": (ops.linear, (r(3, 32), r(16, 32), r(16), "gelu")),
         "mlp_projector": (ops.mlp_projector, (r(1, 4, 32), r(32), r(32), r(16, 32), r(16), r(16, 16), r(16), 1e-5)),
         "quant_matmul": (ops.quant_matmul, _qmm_args()),
+        # W8A8: norm + per-token int8 quantization, the scaled int8 GEMM and its raw int32 accumulator
+        "add_rms_norm_quant": (ops.add_rms_norm_quant, (r(2, 3, C), r(2, 3, C), r(C), 1e-6, r(C), "int8", None)),
+        "add_layer_norm_quant": (ops.add_layer_norm_quant, (r(2, 3, C), r(2, 3, C), r(C), r(C), 1e-6, r(C), "int8",
+                                                            None)),
+        "rms_norm_quant": (ops.rms_norm_quant, (r(2, 3, C), r(C), 1e-6, "int8", None)),
+        "layer_norm_quant": (ops.layer_norm_quant, (r(2, 3, C), r(C), r(C), 1e-6, "int8", None)),
+        "quantize_per_token": (ops.quantize_per_token, (r(2, 3, C), "int8", None)),
+        "int8_matmul": (ops.int8_matmul, (_i8(3, 32), torch.rand(3) + 0.01, _i8(16, 32), torch.rand(16) + 0.01,
+                                          r(16), "gelu", torch.float32)),
+        "int8_matmul_accumulate": (ops.int8_matmul_accumulate, (_i8(3, 32), _i8(16, 32))),
     }
+
+
+def _i8(*shape):
+    return torch.randint(-127, 128, shape, dtype=torch.int8)
 
 
 def test_cases_cover_every_op():

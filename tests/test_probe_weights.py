@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 from internvl_kernels.model import CheckpointError, InternVLChatModel, InternVisionModel
 from internvl_kernels.checkpoint.files import load_state_dict
 from internvl_kernels.model.testing import build_model, write_checkpoint, write_vision_checkpoint
+from quantize import parts as parts_mod
 from quantize import runner
 from quantize.cli import main
 from quantize.engine import QuantSettings
@@ -46,14 +47,14 @@ def test_quantizer_refuses_non_finite_weight_before_work(tmp_path, method, fmt, 
     rc = runner.RunConfig(settings=st, nsamples=2, seqlen=16, eval_windows=1, eval_images=1, max_calib_images=1,
                           mm_samples=0, out=str(out))
     calls = []
-    orig = runner.calibration_images
-    runner.calibration_images = lambda *a, **k: calls.append(1) or orig(*a, **k)
+    orig = parts_mod.calibration_images  # the parts draw the calibration data (quantize.parts)
+    parts_mod.calibration_images = lambda *a, **k: calls.append(1) or orig(*a, **k)
     try:
         with pytest.raises(runner.QuantizeError, match=r"language_model\.model\.layers\.1\.mlp\.down_proj\.weight.*"
                                                        r"(NaN|Inf)"):
             runner.run(rc, lm, log=lambda *a, **k: None)
     finally:
-        runner.calibration_images = orig
+        parts_mod.calibration_images = orig
     assert calls == [], "calibration ran before the weights were validated"
     assert not out.exists() and not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
 

@@ -32,6 +32,7 @@ from torch import Tensor
 from .. import _backend
 from ..model import functional as F_ref
 from ._common import INTERPRET, autotune_configs, count_launch, env_flag, new_empty
+from ._common import on_input_device
 
 OP = "int8_matmul"
 OP_ACC = "int8_matmul_accumulate"
@@ -184,6 +185,7 @@ if triton is not None:
     )(triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_int8_matmul_kernel))
 
 
+@on_input_device
 def _launch(a2, a_scale, w, w_scale, bias, gelu, out_dtype, epilogue=True):
     M, K = a2.shape
     N = w.shape[0]

@@ -22,6 +22,7 @@ from torch import Tensor
 from .. import _backend
 from ..model import functional as F_ref
 from ._common import check_float, check_rank, check_same_device, check_same_dtype, check_vector, rows_2d
+from ._common import on_input_device
 from ._norm_quant_kernel import norm_quant_rows
 
 QUANT_DTYPE_NAMES = tuple(F_ref.QUANT_DTYPES)
@@ -72,6 +73,7 @@ def _dtypes(x, residual, weight, scale, is_rms):
     return prod, res, y
 
 
+@on_input_device
 def _run(op, x, residual, weight, bias, eps, scale, quant_dtype, input_scale, is_rms):
     prod, res, y = _dtypes(x, residual, weight, scale, is_rms)
     new_res, q, s = norm_quant_rows(

@@ -15,6 +15,7 @@ from torch import Tensor
 from .. import _backend
 from ..model import functional as F_ref
 from ._common import check_float, check_rank, rows_2d
+from ._common import on_input_device
 from ._norm_quant_kernel import norm_quant_rows
 from .norm_quant import check_quant_args
 
@@ -28,6 +29,7 @@ def _check(x, quant_dtype, input_scale):
     check_quant_args(OP, x, quant_dtype, input_scale)
 
 
+@on_input_device
 def _triton(x, quant_dtype, input_scale):
     _, q, s = norm_quant_rows(OP, rows_2d(x), norm="none", quant_dtype=quant_dtype, y_dtype=x.dtype,
                               input_scale=input_scale)
