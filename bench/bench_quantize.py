@@ -53,7 +53,7 @@ def test_quantize_smollm2_cli_defaults(benchmark, method):
     quick = os.environ.get("INTERNVL_BENCH_QUICK", "0") not in ("", "0")
     from quantize.cli import build_parser
     from quantize.demo import load_smollm2
-    from quantize.pipeline import QuantSettings
+    from quantize.engine import QuantSettings
     from quantize.runner import LoadedModel, RunConfig, run
 
     d = build_parser().parse_args([])

@@ -220,7 +220,7 @@ def test_llama_staged_forward_is_the_block_forward():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from quantize.blocks import adapter_for
-    from quantize.pipeline import llm_streams
+    from quantize.streams import llm_streams
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,

@@ -126,10 +126,14 @@ def check_finite(t: torch.Tensor, key: str, path: str) -> torch.Tensor:
     only show as NaN logits / empty generations much later.
     """
     if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
-        finite = torch.isfinite(t)
+        if t.element_size() == 1:  # fp8 codes (W8A8): isnan / isinf are not implemented for them
+            t_chk = t.to(torch.float32)
+        else:
+            t_chk = t
+        finite = torch.isfinite(t_chk)
         if not bool(finite.all()):
             bad = int((~finite).sum())
-            kinds = "/".join(k for k, m in (("NaN", torch.isnan(t)), ("Inf", torch.isinf(t))) if bool(m.any()))
+            kinds = "/".join(k for k, m in (("NaN", torch.isnan(t_chk)), ("Inf", torch.isinf(t_chk))) if bool(m.any()))
             raise CheckpointError(f"{path}: tensor {key} has {bad} non-finite value(s) ({kinds}) in "
                                   f"{tuple(t.shape)}; the checkpoint is corrupt or was saved from a diverged model")
     return t

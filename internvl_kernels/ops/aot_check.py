@@ -197,8 +197,10 @@ def w8a8_cases(full: bool = False):
                    {"num_warps": nw, "enable_fp_fusion": False}, ("stride_x", "stride_r", "stride_ro", "stride_q")))
     cfgs = IM.gpu_configs()
     for fp8 in (False, True):
-        for c in (cfgs if full else cfgs[:1]):
+        for c in (cfgs if full else cfgs[:1] + [next(c for c in cfgs if IM.keeps_config(c, True))]):
             for epi, gelu in ((True, True), (True, False), (False, False)):
+                if not IM.keeps_config(c, gelu):
+                    continue  # the autotuner's pruning never picks it (it would spill)
                 if not full and not epi and fp8:
                     continue
                 if fp8 and not epi:

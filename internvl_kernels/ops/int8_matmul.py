@@ -162,6 +162,13 @@ if triton is not None:
         else:
             tl.store(y_ptrs, acc, mask=mask)
 
+    def keeps_config(c, gelu: bool) -> bool:
+        """Configs the autotuner may pick: with the erf-GELU epilogue, tiles of more than 64 accumulator elements per
+        thread (128x256 / 256x128 with 8 warps, 128x128 with 4) spill registers on sm_90 (ptxas -v: 52-88 B), so
+        GELU launches keep at most 64 per thread."""
+        per_thread = c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] // (32 * c.num_warps)
+        return not (gelu and per_thread > 64)
+
     def gpu_configs():
         cfgs = []
         for bm, bn, bk, ns, nw in ((128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 128, 128, 4, 8),
@@ -173,7 +180,8 @@ if triton is not None:
 
     def _prune(configs, named_args, **kwargs):
         M = named_args["M"]
-        out = [c for c in configs if not (M <= 64 and c.kwargs["BLOCK_M"] > 64)]
+        gelu = bool(kwargs.get("GELU", named_args.get("GELU", False)))
+        out = [c for c in configs if not (M <= 64 and c.kwargs["BLOCK_M"] > 64) and keeps_config(c, gelu)]
         return out or configs[-1:]
 
     INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4},
