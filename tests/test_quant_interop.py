@@ -223,14 +223,20 @@ def test_internlm2_wqkv_split_respects_gqa_interleave(layout, heads, kv):
 
 # ------------------------------------------------------------------------------------------- AutoAWQ (optional)
 def _import_autoawq_gemm():
-    """AutoAWQ 0.2.9's GEMM module without ``awq/__init__`` (which imports datasets/transformers-4 model code)."""
-    spec = importlib.util.find_spec("awq")
-    if spec is None or spec.origin is None:
-        pytest.skip("autoawq is not installed (optional: pip install --no-deps autoawq==0.2.9)")
+    """AutoAWQ 0.2.9's GEMM module without ``awq/__init__`` (which imports datasets/transformers-4 model code).
+
+    ``awq`` is a stub package for the import only, and removed again afterwards: a later ``find_spec("awq")`` (this
+    module is also imported as ``tests.test_quant_interop``) must see the real, uninitialised package."""
     saved = sys.modules.get("awq")
-    stub = types.ModuleType("awq")
-    stub.__path__ = [os.path.dirname(spec.origin)]
-    sys.modules["awq"] = stub
+    if saved is not None and getattr(saved, "__spec__", None) is None:  # a stub left by someone else
+        saved = None
+    else:
+        spec = importlib.util.find_spec("awq")
+        if spec is None or spec.origin is None:
+            pytest.skip("autoawq is not installed (optional: pip install --no-deps autoawq==0.2.9)")
+        stub = types.ModuleType("awq")
+        stub.__path__ = [os.path.dirname(spec.origin)]
+        sys.modules["awq"] = stub
     try:
         from awq.modules.linear.gemm import WQLinear_GEMM
         from awq.utils import packing_utils
@@ -239,6 +245,8 @@ def _import_autoawq_gemm():
     finally:
         if saved is not None:
             sys.modules["awq"] = saved
+        else:
+            sys.modules.pop("awq", None)
     return WQLinear_GEMM, packing_utils
 
 
