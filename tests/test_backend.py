@@ -94,7 +94,10 @@ def test_candidates_and_can_implement_say_why(monkeypatch):
     with set_backend("triton"):
         assert dict((n, why) for n, _, why in _backend.candidates("rms_norm", cuda))["cuda"] == \
             "backend 'triton' selected"
-    # a backend that cannot load says why for every op it would serve
+    # a backend that cannot load says why for every op it would serve (as when the extension is absent: no cuda
+    # implementation registered)
+    monkeypatch.setitem(_backend._IMPLS, "layer_norm",
+                        {k: v for k, v in _backend._IMPLS["layer_norm"].items() if k != "cuda"})
     _backend.set_unavailable("cuda", "extension not used: built against another torch")
     rows = dict((n, (ok, why)) for n, ok, why in _backend.candidates("layer_norm", cuda))
     assert rows["cuda"] == (False, "extension not used: built against another torch")
