@@ -21,6 +21,33 @@ MAX_FUSED_N = 65536  # channels one program can hold (fp32 registers / shared sp
 
 
 @triton.jit
+def load_rows_with_residual(X, R, SCALE, RES_OUT, M, N, stride_x, stride_r, stride_ro,
+                            HAS_RES: tl.constexpr, HAS_SCALE: tl.constexpr, PROD_DT: tl.constexpr,
+                            RES_DT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's ``BLOCK_M`` rows of ``X`` in fp32, after the optional residual prologue
+    ``new_residual = residual + x * scale`` (rounded like the eager code: the product to ``PROD_DT`` first, then the
+    sum to ``RES_DT``; written to ``RES_OUT``). Shared by every row-norm kernel (plain and + quantization)."""
+    pid = tl.program_id(0)
+    rows = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    rmask = rows < M
+    cmask = cols < N
+    mask = rmask[:, None] & cmask[None, :]
+    # every value is upcast to fp32 right after the load (bf16 arithmetic is not exact in the interpreter, and fp32
+    # is what the eager code computes in before it rounds)
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        if HAS_SCALE:
+            s = tl.load(SCALE + cols, mask=cmask, other=0.0).to(tl.float32)
+            x = to_dtype(x * s[None, :], PROD_DT).to(tl.float32)
+        r = tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        h = to_dtype(r + x, RES_DT)
+        tl.store(RES_OUT + rows[:, None] * stride_ro + cols[None, :], h, mask=mask)
+        x = h.to(tl.float32)
+    return rows, cols, cmask, mask, x
+
+
+@triton.jit
 def _norm_rows_kernel(
     X, R, SCALE, W, B, Y, RES_OUT,
     M, N,
@@ -37,24 +64,8 @@ def _norm_rows_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    cols = tl.arange(0, BLOCK_N)
-    rmask = rows < M
-    cmask = cols < N
-    mask = rmask[:, None] & cmask[None, :]
-
-    # every value is upcast to fp32 right after the load (bf16 arithmetic is not exact in the interpreter, and fp32
-    # is what the eager code computes in before it rounds)
-    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    if HAS_RES:
-        if HAS_SCALE:
-            s = tl.load(SCALE + cols, mask=cmask, other=0.0).to(tl.float32)
-            x = to_dtype(x * s[None, :], PROD_DT).to(tl.float32)
-        r = tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        h = to_dtype(r + x, RES_DT)
-        tl.store(RES_OUT + rows[:, None] * stride_ro + cols[None, :], h, mask=mask)
-        x = h.to(tl.float32)
+    rows, cols, cmask, mask, x = load_rows_with_residual(
+        X, R, SCALE, RES_OUT, M, N, stride_x, stride_r, stride_ro, HAS_RES, HAS_SCALE, PROD_DT, RES_DT, BLOCK_M, BLOCK_N)
 
     if IS_RMS:
         ms = tl.sum(x * x, axis=1) / N

@@ -23,6 +23,7 @@ import triton.language as tl
 from ..model.functional import AMAX_FLOOR, quant_max
 from . import _common
 from ._common import INTERPRET, count_launch, new_empty, next_pow2, tl_dtype
+from ._norm_kernel import load_rows_with_residual
 from ._tl import to_dtype
 
 MAX_FUSED_N = 65536
@@ -65,22 +66,8 @@ def _norm_quant_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    cols = tl.arange(0, BLOCK_N)
-    rmask = rows < M
-    cmask = cols < N
-    mask = rmask[:, None] & cmask[None, :]
-
-    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    if HAS_RES:
-        if HAS_SCALE:
-            s = tl.load(SCALE + cols, mask=cmask, other=0.0).to(tl.float32)
-            x = to_dtype(x * s[None, :], PROD_DT).to(tl.float32)
-        r = tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        h = to_dtype(r + x, RES_DT)
-        tl.store(RES_OUT + rows[:, None] * stride_ro + cols[None, :], h, mask=mask)
-        x = h.to(tl.float32)
+    rows, cols, cmask, mask, x = load_rows_with_residual(
+        X, R, SCALE, RES_OUT, M, N, stride_x, stride_r, stride_ro, HAS_RES, HAS_SCALE, PROD_DT, RES_DT, BLOCK_M, BLOCK_N)
 
     if NORM == 1:
         ms = tl.sum(x * x, axis=1) / N
@@ -123,7 +110,7 @@ def _norm_quant_kernel(
     else:
         v = (v + 12582912.0) - 12582912.0  # round half to even (|v| ≤ 127)
         tl.store(qptr, v.to(tl.int8), mask=mask)
-    tl.store(QS + rows, sc, mask=rmask)
+    tl.store(QS + rows, sc, mask=rows < M)
 
 
 def new_codes(shape, quant_dtype: str, device) -> torch.Tensor:

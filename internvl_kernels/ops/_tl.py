@@ -29,3 +29,18 @@ def to_dtype(x, DT: tl.constexpr):
         if DT == tl.bfloat16:
             x = _round_bf16_rne(x.to(tl.float32))
     return x.to(DT)
+
+
+@triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """``(pid_m, pid_n)`` of program ``pid`` in grouped order: ``GROUP_M`` row tiles share each column tile of the
+    weight while it is in L2 (the GEMM kernels' launch order)."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * num_pid_n
+    group_id = pid // group_size
+    first_m = group_id * GROUP_M
+    gm = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + ((pid % group_size) % gm)
+    pid_n = (pid % group_size) // gm
+    return pid_m, pid_n

@@ -29,12 +29,16 @@ def _dtypes(x: Tensor, residual: Tensor, scale: Optional[Tensor]):
 
 
 def _check(op, x, residual, weight, bias, eps, scale):
+    """The argument checks of the residual norms (``residual=None``: a plain norm, as the W8A8 norm + quant ops
+    of the first block use)."""
     check_float(op, "x", x)
-    check_float(op, "residual", residual)
+    if residual is not None:
+        check_float(op, "residual", residual)
     check_rank(op, "x", x, range(1, 9))
-    if residual.shape != x.shape:
-        raise ValueError(f"{op}: residual has shape {tuple(residual.shape)} but x has {tuple(x.shape)}")
-    check_same_dtype(op, "x", x, residual=residual)
+    if residual is not None:
+        if residual.shape != x.shape:
+            raise ValueError(f"{op}: residual has shape {tuple(residual.shape)} but x has {tuple(x.shape)}")
+        check_same_dtype(op, "x", x, residual=residual)
     n = x.shape[-1]
     check_vector(op, "weight", weight, n)
     check_vector(op, "bias", bias, n)

@@ -93,8 +93,8 @@ def _check(a, a_scale, w, w_scale, bias, activation, out_dtype):
 
 # ---------------------------------------------------------------------------------------------------- triton
 if triton is not None:
+    from ._tl import grouped_tile, to_dtype
     from .linear import _gelu_erf
-    from ._tl import to_dtype
 
     @triton.jit
     def _int8_matmul_kernel(
@@ -105,15 +105,7 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         EVEN_K: tl.constexpr,
     ):
-        pid = tl.program_id(0)
-        num_pid_m = tl.cdiv(M, BLOCK_M)
-        num_pid_n = tl.cdiv(N, BLOCK_N)
-        group_size = GROUP_M * num_pid_n
-        group_id = pid // group_size
-        first_m = group_id * GROUP_M
-        gm = min(num_pid_m - first_m, GROUP_M)
-        pid_m = first_m + ((pid % group_size) % gm)
-        pid_n = (pid % group_size) // gm
+        pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

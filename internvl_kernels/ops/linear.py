@@ -28,7 +28,7 @@ from ._common import (
     INTERPRET, autotune_configs, check_float, check_rank, check_same_device, check_same_dtype, count_launch,
     env_flag, new_empty, upcast_dots, next_pow2,
 )
-from ._tl import to_dtype
+from ._tl import grouped_tile, to_dtype
 
 OP = "linear"
 ACTIVATIONS = ("none", "gelu")
@@ -53,16 +53,7 @@ def _linear_kernel(
     GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    # grouped ordering: GROUP_M row-tiles share each column tile of W while it is in L2
-    group_size = GROUP_M * num_pid_n
-    group_id = pid // group_size
-    first_m = group_id * GROUP_M
-    gm = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + ((pid % group_size) % gm)
-    pid_n = (pid % group_size) // gm
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -21,7 +21,8 @@ from torch import Tensor
 
 from .. import _backend
 from ..model import functional as F_ref
-from ._common import check_float, check_rank, check_same_device, check_same_dtype, check_vector, rows_2d
+from .add_rms_norm import _check as check_norm_args
+from ._common import check_same_device, rows_2d
 from ._common import on_input_device
 from ._norm_quant_kernel import norm_quant_rows
 
@@ -44,20 +45,7 @@ def check_quant_args(op: str, x: Tensor, quant_dtype: str, input_scale: Optional
 
 
 def _check(op, x, residual, weight, bias, eps, scale, quant_dtype, input_scale):
-    check_float(op, "x", x)
-    check_rank(op, "x", x, range(1, 9))
-    if residual is not None:
-        check_float(op, "residual", residual)
-        if residual.shape != x.shape:
-            raise ValueError(f"{op}: residual has shape {tuple(residual.shape)} but x has {tuple(x.shape)}")
-        check_same_dtype(op, "x", x, residual=residual)
-    n = x.shape[-1]
-    check_vector(op, "weight", weight, n)
-    check_vector(op, "bias", bias, n)
-    check_vector(op, "scale", scale, n)
-    check_same_device(op, "x", x, residual=residual, weight=weight, bias=bias, scale=scale)
-    if not eps >= 0:
-        raise ValueError(f"{op}: eps must be >= 0, got {eps}")
+    check_norm_args(op, x, residual, weight, bias, eps, scale)  # the (residual) norms' own checks
     check_quant_args(op, x, quant_dtype, input_scale)
 
 
