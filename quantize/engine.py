@@ -57,6 +57,7 @@ class QuantSettings:
     blocksize: int = 128
     awq_search_tokens: int = 16384
     mse: bool = False  # GPTQ: MSE grid search of each group's range (AutoGPTQ's mse option)
+    group_order: bool = True  # GPTQ without act-order: group-aware reordering (GAR), natural g_idx
     skip_first_tokens: int = 0
     sink_weight: float = 1.0  # GPTQ: weight of each sequence's first token in the k/v projections' Hessians  # leave the first token(s) of every sequence out of the GPTQ Hessians
     progress: bool = True
@@ -212,7 +213,7 @@ def _gptq_block_staged(ad, prefix, calib, st, res, todo) -> Stream:
             H = hs[key(n)][0].H
             r = gptq_quantize(w, H, st.bits, st.group_size, st.sym, st.act_order, st.static_groups, st.damp,
                               st.blocksize, st.min_zero, st.mse, perm=perm if n in shared else None,
-                              cache=factors.setdefault(key(n), {}))
+                              cache=factors.setdefault(key(n), {}), group_order=st.group_order)
             _finish(res, prefix, n, lin, r, H / 2, w.clone(), time.perf_counter() - t0)
         for k in [k for k in hs if k[0] == gi]:
             del hs[k]
@@ -258,7 +259,8 @@ def _gptq_block(ad, prefix, calib, st, res, todo):
             t0 = time.perf_counter()
             w = lin.weight.data
             r = gptq_quantize(w, hs[n].H, st.bits, st.group_size, st.sym, st.act_order, st.static_groups, st.damp,
-                              st.blocksize, st.min_zero, st.mse, perm=perm if n in shared else None)
+                              st.blocksize, st.min_zero, st.mse, perm=perm if n in shared else None,
+                              group_order=st.group_order)
             _finish(res, prefix, n, lin, r, hs[n].H / 2, w.clone(), time.perf_counter() - t0)
             del hs[n]
 

@@ -23,7 +23,7 @@ from ._threads import single_thread_on_cpu
 from .result import QuantResult
 from .rtn import check_bits_group, dequantize_codes, fit_params, fit_params_mse, quantize_codes
 
-__all__ = ["Hessian", "gptq_quantize", "damped_inverse_cholesky"]
+__all__ = ["Hessian", "gptq_quantize", "damped_inverse_cholesky", "group_aware_order", "shared_act_order"]
 
 
 class Hessian:
@@ -72,20 +72,38 @@ def damped_inverse_cholesky(H: torch.Tensor, damp: float = 0.01, max_tries: int 
 def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bool = False,
                   act_order: bool = False, static_groups: bool = False, damp: float = 0.01, blocksize: int = 128,
                   min_zero: int = 0, mse: bool = False, perm: torch.Tensor | None = None,
-                  cache: dict | None = None) -> QuantResult:
+                  cache: dict | None = None, group_order: bool = False) -> QuantResult:
     """GPTQ one Linear ``weight [out, in]`` given its Hessian ``H [in, in]`` (fp32; not modified).
 
     ``perm`` (with ``act_order``): the column order to use instead of ``argsort(diag H)`` — Linears that are stored
     as one packed tensor (InternLM2's ``wqkv``) share one order, so they share one ``g_idx``
     (see :func:`shared_act_order`).
 
+    ``group_order`` (without ``act_order``): group-aware reordering (GAR, Gafni et al., CVPRW 2025; GPTQModel's
+    ``act_group_aware``): the groups are processed in descending order of their largest ``diag(H)`` and the columns of
+    each group in descending ``diag(H)``, each group's parameters fitted from its error-updated columns when it
+    starts. Every group keeps its own columns, so ``g_idx`` stays natural: the folder is an ordinary no-``desc_act``
+    one that every kernel loads (see :func:`group_aware_order`).
+
     ``mse``: fit each group's range by AutoGPTQ's MSE grid search (:func:`quantize.rtn.fit_params_mse`) instead of
     plain min/max. ``cache``: a dict shared by Linears with the same ``H`` (same input): the damped inverse
-    Cholesky factor (and act-order permutation) is computed once and reused.
+    Cholesky factor (and column order) is computed once and reused.
     """
     with single_thread_on_cpu(weight.device):
         return _gptq_quantize(weight, H, bits, group_size, sym, act_order, static_groups, damp, blocksize, min_zero,
-                              mse, perm, cache)
+                              mse, perm, cache, group_order)
+
+
+def group_aware_order(diag: torch.Tensor, group_size: int) -> torch.Tensor:
+    """GAR's column order for natural groups of ``group_size`` (a partial last group allowed): groups by descending
+    largest ``diag``, columns inside each group by descending ``diag`` (ties keep the natural order)."""
+    n = diag.numel()
+    starts = list(range(0, n, group_size))
+    d = diag.to(torch.float64)
+    peak = torch.stack([d[s:s + group_size].max() for s in starts])
+    order = torch.argsort(peak, descending=True, stable=True).tolist()
+    return torch.cat([starts[g] + torch.argsort(d[starts[g]:starts[g] + group_size], descending=True, stable=True)
+                      for g in order])
 
 
 def shared_act_order(hessians) -> torch.Tensor:
@@ -99,7 +117,7 @@ def shared_act_order(hessians) -> torch.Tensor:
 
 
 def _gptq_quantize(weight, H, bits, group_size, sym, act_order, static_groups, damp, blocksize, min_zero, mse=False,
-                   perm_in=None, cache=None):
+                   perm_in=None, cache=None, group_order=False):
     if mse:
         def fit_params(w, bits, sym, style, min_zero):  # noqa: F811 - the MSE variant for every group fit
             return fit_params_mse(w, bits, sym, min_zero)
@@ -122,13 +140,14 @@ def _gptq_quantize(weight, H, bits, group_size, sym, act_order, static_groups, d
 
     ngroups = -(-in_f // gs)
     no_groups = group_size in (-1, None, 0)
+    group_order = bool(group_order) and not act_order and not no_groups and ngroups > 1
     static = None
     if static_groups and not no_groups:
         static = [fit_params(W[:, c:c + gs], bits, sym, "gptq", min_zero) for c in range(0, in_f, gs)]
 
     perm = None
-    # Linears sharing H (same input) share the factorization; a given act-order permutation is part of the key
-    ckey = (float(damp), bool(act_order),
+    # Linears sharing H (same input) share the factorization; the column order is part of the key
+    ckey = (float(damp), bool(act_order), group_order, gs,
             None if (perm_in is None or not act_order) else tuple(perm_in.tolist()))
     if cache is not None and ckey in cache:
         U, damp_used, perm = cache[ckey]
@@ -142,6 +161,9 @@ def _gptq_quantize(weight, H, bits, group_size, sym, act_order, static_groups, d
                     raise ValueError(f"GPTQ: perm must be a permutation of range({in_f})")
             else:
                 perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+        elif group_order:
+            perm = group_aware_order(torch.diag(H), gs).to(dev)
+        if perm is not None:
             W = W[:, perm]
             H = H[perm][:, perm]
         U, damp_used = damped_inverse_cholesky(H, damp)
@@ -155,14 +177,24 @@ def _gptq_quantize(weight, H, bits, group_size, sym, act_order, static_groups, d
     Qt = torch.empty_like(Wt)  # codes, in processing order
     scales = torch.zeros(ngroups, out_f, dtype=torch.float32, device=dev)
     zeros = torch.zeros(ngroups, out_f, dtype=torch.float32, device=dev)
-    # group of the column processed at position t (python ints: no per-column tensor indexing)
+    # g_list: group of the column processed at position t; fits: the positions where a group's parameters are
+    # fitted -> (end position, group) (python ints: no per-column tensor indexing)
+    fits = {}
     if no_groups:
         g_list = [0] * in_f
-    elif static is not None:
+    elif static is not None or group_order:
         src = perm.tolist() if perm is not None else range(in_f)
         g_list = [c // gs for c in src]
-    else:
-        g_list = [c // gs for c in range(in_f)]
+        if group_order and static is None:  # each group is one contiguous run of positions
+            t = 0
+            while t < in_f:
+                g = g_list[t]
+                n = min(gs, in_f - g * gs)
+                fits[t] = (t + n, g)
+                t += n
+    else:  # natural order or act-order: groups are consecutive runs of gs positions
+        g_list = [t // gs for t in range(in_f)]
+        fits = {t: (min(t + gs, in_f), t // gs) for t in range(0, in_f, gs)}
     loss = torch.zeros(out_f, dtype=torch.float32, device=dev)
     maxq = float((1 << bits) - 1)
     diag = torch.diagonal(U).tolist()
@@ -183,11 +215,12 @@ def _gptq_quantize(weight, H, bits, group_size, sym, act_order, static_groups, d
             col = i1 + i
             if static is not None:
                 s_cur, z_cur = static[g_list[col]]
-            elif not no_groups and col % gs == 0:
+            elif col in fits:
                 # fit once per group, on the current columns: the in-block part already error-updated in place,
                 # anything past the block updated by all previous blocks
-                s_cur, z_cur = fit_params(Wt[col:min(col + gs, in_f)].t(), bits, sym, "gptq", min_zero)
-                scales[col // gs], zeros[col // gs] = s_cur, z_cur
+                end, g = fits[col]
+                s_cur, z_cur = fit_params(Wt[col:end].t(), bits, sym, "gptq", min_zero)
+                scales[g], zeros[g] = s_cur, z_cur
             w = Wt[col]
             q = torch.div(w, s_cur).round_().add_(z_cur).clamp_(0.0, maxq)
             Qt[col] = q
@@ -212,5 +245,6 @@ def _gptq_quantize(weight, H, bits, group_size, sym, act_order, static_groups, d
     res = QuantResult(Q.to(torch.int32), scales, zeros.to(torch.int32), g_idx.to(torch.int32), bits=bits,
                       group_size=group_size if group_size not in (None, 0) else -1, sym=sym, method="gptq",
                       dtype=weight.dtype, perm=perm, static_groups=bool(static_groups),
-                      info={"damp": damp_used, "dead_columns": n_dead, "gptq_loss": float(loss.sum())})
+                      info={"damp": damp_used, "dead_columns": n_dead, "gptq_loss": float(loss.sum()),
+                            "group_order": group_order})
     return res

@@ -33,13 +33,14 @@ def _as_inputs(calib_inputs, in_features: int) -> torch.Tensor | None:
 def quantize_linear(weight: torch.Tensor, calib_inputs=None, method: str = "gptq", bits: int = 4,
                     group_size: int = 128, sym: bool = False, act_order: bool = False, seed: int = 0, *,
                     static_groups: bool = False, damp: float = 0.01, blocksize: int = 128, min_zero: int = 0,
-                    clip: bool = True, mse: bool = False) -> QuantResult:
+                    clip: bool = True, mse: bool = False, group_order: bool = True) -> QuantResult:
     """Quantize one ``nn.Linear`` weight ``[out, in]``.
 
     ``calib_inputs``: activations ``[..., in]`` (tensor or list of tensors) the Linear sees; required by gptq and
     awq, ignored by rtn. ``group_size=-1``: one group per row; a ``group_size`` that does not divide ``in`` gives a
     partial last group (GPTQ/RTN; AWQ-GEMM storage rejects it at packing time). ``min_zero=1`` keeps zero points
-    storable in GPTQ v1. ``mse`` (GPTQ): MSE grid search of each group's range. ``seed`` seeds torch's RNG for the call (the algorithms themselves are deterministic).
+    storable in GPTQ v1. ``mse`` (GPTQ): MSE grid search of each group's range. ``group_order`` (GPTQ without
+    ``act_order``, default on): group-aware reordering, natural ``g_idx`` (:func:`quantize.gptq.group_aware_order`). ``seed`` seeds torch's RNG for the call (the algorithms themselves are deterministic).
 
     Returns a :class:`quantize.result.QuantResult`: ``intweight``, ``scales``, ``zeros``, ``g_idx``,
     ``dequantized`` (same shape and dtype as ``weight``), ``input_scale`` (AWQ), ``pack(fmt)``.
@@ -65,5 +66,5 @@ def quantize_linear(weight: torch.Tensor, calib_inputs=None, method: str = "gptq
         for chunk in torch.split(x, 8192):
             h.add(chunk)
         return gptq_quantize(weight, h.H, bits, group_size, sym, act_order, static_groups, damp, blocksize, min_zero,
-                             mse)
+                             mse, group_order=group_order)
     return awq_quantize(weight, x.to(weight.device), bits, group_size, sym, min_zero, clip)

@@ -31,6 +31,9 @@ def format_report(rep: dict, max_layers: int = 12) -> str:
         f"method {s['method']}  bits {s['bits']}  group {s['group_size']}  sym {s['sym']}  act-order "
         f"{s['act_order']}  format {s['fmt']}  parts {','.join(rep['parts'])}  device {s['device']}  seed {s['seed']}",
     ]
+    if s["method"] == "gptq":
+        lines.append(f"GPTQ: damp {s['damp']}  group-aware order {s.get('group_order', False)}  sink weight "
+                     f"{s.get('sink_weight', 1.0):g}  mse {s.get('mse', False)}  static groups {s['static_groups']}")
     cal = rep.get("calibration", {})
     if "images" in cal:
         c = cal["images"]

@@ -382,7 +382,8 @@ def _qconfig(lm: LoadedModel, st: QuantSettings, parts, res: PipelineResult) -> 
         st.fmt, st.bits, st.group_size, st.sym, desc_act=st.act_order, static_groups=st.static_groups,
         damp_percent=st.damp, true_sequential=True, modules_to_not_convert=not_convert, method=st.method,
         extra={"quantized_parts": {"vision": "vision" in parts, "llm": "llm" in parts},
-               "quantizer_options": {"mse": st.mse, "sink_weight": st.sink_weight, "seed": st.seed}})
+               "quantizer_options": {"mse": st.mse, "sink_weight": st.sink_weight, "group_order": st.group_order,
+                                     "seed": st.seed}})
 
 
 def _jsonable(o):

@@ -259,3 +259,51 @@ def test_llama_staged_forward_is_the_block_forward():
         ref_q = [ad.forward(x, kw) for x, kw in stream]
     assert all(torch.equal(a, b) for a, b in zip(ref_q, out_q))
     assert not torch.equal(out_q[0], out[0])
+
+
+def test_group_aware_order():
+    from quantize.gptq import group_aware_order
+
+    d = torch.tensor([1.0, 5.0, 2.0, 9.0, 0.0, 3.0, 7.0])  # groups of 3: peaks 5, 9, 7 (a partial last group)
+    assert group_aware_order(d, 3).tolist() == [3, 5, 4, 6, 1, 2, 0]
+    d = torch.rand(200)
+    p = group_aware_order(d, 64)
+    assert sorted(p.tolist()) == list(range(200))
+    # every run of positions holds exactly one natural group, columns inside it in descending diag
+    runs, t = [], 0
+    while t < 200:
+        g = int(p[t]) // 64
+        n = min(64, 200 - g * 64)
+        run = p[t:t + n]
+        assert {int(c) // 64 for c in run} == {g}
+        assert torch.all(d[run][:-1] >= d[run][1:])
+        runs.append(g)
+        t += n
+    peaks = torch.stack([d[g * 64:(g + 1) * 64].max() for g in runs])
+    assert sorted(runs) == [0, 1, 2, 3] and torch.all(peaks[:-1] >= peaks[1:])
+
+
+@pytest.mark.parametrize("bits,gs,in_f", [(4, 64, 160), (3, 32, 96), (4, 48, 224)])
+def test_gptq_group_aware_order_natural_g_idx(bits, gs, in_f):
+    """GAR processes columns out of order but stores an ordinary no-desc_act layout: natural g_idx, every format
+    (AWQ's too) can hold it, the packed tensors decode to exactly what the pipeline uses, each group's parameters
+    come from that group's own columns (the codes stay in range and reconstruct within a step)."""
+    g = torch.Generator().manual_seed(bits * 100 + gs)
+    W = torch.randn(64, in_f, generator=g) * 0.05
+    x = correlated_inputs(2048, in_f, seed=gs)
+    r = quantize.quantize_linear(W, x, "gptq", bits=bits, group_size=gs, group_order=True)
+    n = quantize.quantize_linear(W, x, "gptq", bits=bits, group_size=gs, group_order=False)
+    assert r.info["group_order"] and not n.info["group_order"]
+    assert r.perm is not None and not torch.equal(r.perm, torch.arange(in_f))
+    assert r.g_idx.tolist() == [c // gs for c in range(in_f)] and not r.act_order_g_idx
+    assert int(r.intweight.min()) >= 0 and int(r.intweight.max()) <= 2 ** bits - 1
+    for fmt in ("gptq", "gptq_v2") + (("awq",) if bits == 4 and in_f % gs == 0 else ()):
+        rr = quantize.quantize_linear(W, x, "gptq", bits=bits, group_size=gs, min_zero=1 if fmt == "gptq" else 0)
+        assert rr.check_format(fmt) is None, fmt
+        dq = formats.dequantize(rr.pack(fmt), fmt, bits, gs, torch.float32)
+        assert torch.equal(dq, rr.dequantized_stored), fmt
+    e_rtn = out_err(x, W, quantize.quantize_linear(W, x, "rtn", bits=bits, group_size=gs).dequantized)
+    assert out_err(x, W, r.dequantized) < 0.8 * e_rtn
+    # act-order wins over GAR when asked: desc_act semantics, permuted g_idx
+    a = quantize.quantize_linear(W, x, "gptq", bits=bits, group_size=gs, act_order=True, group_order=True)
+    assert a.act_order_g_idx and not a.info["group_order"]
