@@ -92,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sink-weight", type=float, default=512.0,
                    help="GPTQ: weight of each window's first token (the attention sink, whose key/value every query "
                         "reads) in the LLM k/v Hessians (default 512; 1 = AutoGPTQ's unweighted Hessian)")
-    p.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, fraction of mean(diag H) (default 0.01)")
+    p.add_argument("--damp", type=float, default=0.1,
+                   help="GPTQ damping, fraction of mean(diag H) (default 0.1; the paper and AutoGPTQ use 0.01, "
+                        "GPTQModel 0.05)")
     p.add_argument("--parts", default=None, help="comma list of vision,llm (default: every part the checkpoint has)")
     p.add_argument("--skip", action="append", default=[], metavar="PATTERN",
                    help="glob of Linear names to keep 16-bit (repeatable or comma-separated), "

@@ -49,7 +49,7 @@ class QuantSettings:
     sym: bool = False
     act_order: bool = False
     static_groups: bool = False
-    damp: float = 0.01
+    damp: float = 0.1  # GPTQ damping (fraction of mean diag H); chosen on the dev windows, see quantize/README.md
     fmt: str = "gptq"
     skip: tuple = ()
     device: str = "cpu"

@@ -32,7 +32,7 @@ def _as_inputs(calib_inputs, in_features: int) -> torch.Tensor | None:
 
 def quantize_linear(weight: torch.Tensor, calib_inputs=None, method: str = "gptq", bits: int = 4,
                     group_size: int = 128, sym: bool = False, act_order: bool = False, seed: int = 0, *,
-                    static_groups: bool = False, damp: float = 0.01, blocksize: int = 128, min_zero: int = 0,
+                    static_groups: bool = False, damp: float = 0.1, blocksize: int = 128, min_zero: int = 0,
                     clip: bool = True, mse: bool = False, group_order: bool = True) -> QuantResult:
     """Quantize one ``nn.Linear`` weight ``[out, in]``.
 

@@ -31,30 +31,29 @@ import torch  # noqa: E402
 from quantize.calib import TEST_OFFSET  # noqa: E402
 
 CONFIGS = {
+    # "plain" GPTQ = the default flags with token-uniform Hessians (sink weight 1): group-aware order, damp 0.1
     "rtn4": dict(method="rtn", bits=4), "gptq4": dict(method="gptq", bits=4),
     "gptq4ao": dict(method="gptq", bits=4, act_order=True), "awq4": dict(method="awq", bits=4),
     "rtn3": dict(method="rtn", bits=3), "gptq3": dict(method="gptq", bits=3),
     "gptq3ao": dict(method="gptq", bits=3, act_order=True), "awq3": dict(method="awq", bits=3),
-    # the CLI defaults (--sink-weight 512): GPTQ with the attention-sink weighted k/v Hessians
+    # the CLI defaults (GPTQ with the attention-sink weighted k/v Hessians, --sink-weight 512)
     "gptq4cli": dict(method="gptq", bits=4, sink_weight=512.0), "gptq3cli": dict(method="gptq", bits=3, sink_weight=512.0),
+    # the reference algorithm as AutoGPTQ runs it: natural column order, damp 0.01
+    "gptq4ref": dict(method="gptq", bits=4, group_order=False, damp=0.01),
+    "gptq3ref": dict(method="gptq", bits=3, group_order=False, damp=0.01),
+    # symmetric (the --target vllm / lmdeploy default)
+    "rtn4sym": dict(method="rtn", bits=4, sym=True), "gptq4clisym": dict(method="gptq", bits=4, sym=True, sink_weight=512.0),
     # variants for the notes
-    "gptq4d10": dict(method="gptq", bits=4, damp=0.1), "gptq3d10": dict(method="gptq", bits=3, damp=0.1),
-    "gptq4sym": dict(method="gptq", bits=4, sym=True), "rtn4sym": dict(method="rtn", bits=4, sym=True),
-    "gptq4aos": dict(method="gptq", bits=4, act_order=True, static_groups=True),
-    "gptq3aos": dict(method="gptq", bits=3, act_order=True, static_groups=True),
+    "gptq4nat": dict(method="gptq", bits=4, group_order=False), "gptq4d01": dict(method="gptq", bits=4, damp=0.01),
     "gptq4aomse": dict(method="gptq", bits=4, act_order=True, mse=True),
-    "gptq3aomse": dict(method="gptq", bits=3, act_order=True, mse=True),
+    "gptq4aosink": dict(method="gptq", bits=4, act_order=True, sink_weight=512.0),
     "gptq4aomsesink": dict(method="gptq", bits=4, act_order=True, mse=True, sink_weight=512.0),
     "gptq3aomsesink": dict(method="gptq", bits=3, act_order=True, mse=True, sink_weight=512.0),
-    "gptq4sink": dict(method="gptq", bits=4, sink_weight=512.0),
-    "gptq3sink": dict(method="gptq", bits=3, sink_weight=512.0),
-    "gptq4aosink": dict(method="gptq", bits=4, act_order=True, sink_weight=512.0),
-    "gptq3aosink": dict(method="gptq", bits=3, act_order=True, sink_weight=512.0),
 }
 
 
 # the documented table, most important rows first
-TABLE = ("rtn4", "gptq4", "gptq4cli", "awq4", "rtn3", "gptq3", "gptq3cli", "awq3", "gptq4ao", "gptq3ao")
+TABLE = ("rtn4", "gptq4", "gptq4cli", "awq4", "gptq4ao", "rtn3", "gptq3", "gptq3cli", "awq3", "gptq3ao")
 
 
 def run_one(name, kw, args):
@@ -84,12 +83,14 @@ def table(rows) -> str:
            f"| 16 | float | {ppl_float:.3f} | – | – | – |"]
     for bits in (4, 3):
         rtn = by.get(f"rtn{bits}")
-        for key, label in ((f"rtn{bits}", "RTN"), (f"gptq{bits}", "GPTQ plain (sink weight 1)"), (f"gptq{bits}ao", "GPTQ + act-order"),
+        for key, label in ((f"rtn{bits}", "RTN"),
+                           (f"gptq{bits}ref", "GPTQ as AutoGPTQ runs it (natural order, damp 0.01)"),
+                           (f"gptq{bits}", "GPTQ plain (defaults, sink weight 1)"), (f"gptq{bits}ao", "GPTQ + act-order"),
                            (f"awq{bits}", "AWQ"), (f"gptq{bits}cli", "GPTQ, CLI defaults (sink weight 512)"),
-                           (f"gptq{bits}sink", "GPTQ + sink weight 512"),
+                           (f"gptq{bits}nat", "GPTQ natural order (no GAR), damp 0.1"),
+                           (f"gptq{bits}d01", "GPTQ plain, damp 0.01"),
                            (f"gptq{bits}aosink", "GPTQ + act-order + sink weight 512"),
-                           (f"gptq{bits}aomse", "GPTQ + act-order + MSE range"),
-                           (f"gptq{bits}aomsesink", "GPTQ + act-order + MSE range + sink weight 512")):
+                           (f"gptq{bits}aomse", "GPTQ + act-order + MSE range")):
             r = by.get(key)
             if r is None:
                 continue
@@ -97,6 +98,14 @@ def table(rows) -> str:
             closed = "–" if rtn is None or key.startswith("rtn") else \
                 f"{int(round(100 * (rtn['ppl'] - r['ppl']) / (rtn['ppl'] - ppl_float)))} %"
             out.append(f"| {bits} | {label} | {r['ppl']:.3f} | {gap:+.3f} | {closed} | {r['seconds']:.0f} |")
+    rs = by.get("rtn4sym")
+    for key, label in (("rtn4sym", "RTN, symmetric"), ("gptq4clisym", "GPTQ, CLI defaults, symmetric")):
+        r = by.get(key)
+        if r is None:
+            continue
+        closed = "–" if rs is None or key == "rtn4sym" else \
+            f"{int(round(100 * (rs['ppl'] - r['ppl']) / (rs['ppl'] - ppl_float)))} % (of symmetric RTN's)"
+        out.append(f"| 4 | {label} | {r['ppl']:.3f} | {r['ppl'] - ppl_float:+.3f} | {closed} | {r['seconds']:.0f} |")
     return "\n".join(out)
 
 
