@@ -35,7 +35,7 @@ from .blocks import adapter_for, fold_scale
 from .gptq import Hessian, gptq_quantize, shared_act_order
 from .result import QuantResult
 from .metrics import sqnr_db
-from .rtn import check_bits_group, rtn_quantize
+from .rtn import rtn_quantize
 from .streams import Stream, StopForward
 
 __all__ = ["QuantSettings", "PipelineResult", "quantize_stack"]

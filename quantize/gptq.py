@@ -21,7 +21,7 @@ import torch
 
 from ._threads import single_thread_on_cpu
 from .result import QuantResult
-from .rtn import check_bits_group, dequantize_codes, fit_params, fit_params_mse, quantize_codes
+from .rtn import check_bits_group, fit_params as fit_minmax, fit_params_mse
 
 __all__ = ["Hessian", "gptq_quantize", "damped_inverse_cholesky", "group_aware_order", "shared_act_order"]
 
@@ -119,10 +119,10 @@ def shared_act_order(hessians) -> torch.Tensor:
 def _gptq_quantize(weight, H, bits, group_size, sym, act_order, static_groups, damp, blocksize, min_zero, mse=False,
                    perm_in=None, cache=None, group_order=False):
     if mse:
-        def fit_params(w, bits, sym, style, min_zero):  # noqa: F811 - the MSE variant for every group fit
+        def fit_params(w, bits, sym, style, min_zero):  # the MSE variant for every group fit
             return fit_params_mse(w, bits, sym, min_zero)
     else:
-        from .rtn import fit_params
+        fit_params = fit_minmax
     out_f, in_f = weight.shape
     gs = check_bits_group(bits, group_size, in_f)
     if H.shape != (in_f, in_f):
