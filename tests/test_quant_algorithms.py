@@ -132,12 +132,26 @@ def test_gptq_cholesky_retry_increases_damping():
     assert r2.info["damp"] == pytest.approx(0.01)
 
 
-def test_hessian_running_mean():
-    x = torch.randn(300, 16)
-    h = Hessian(16)
-    for chunk in torch.split(x, 70):
-        h.add(chunk)
-    assert torch.allclose(h.H, 2 * x.t() @ x / 300, atol=1e-5)
+@pytest.mark.parametrize("syrk", [True, False])
+def test_hessian_running_mean(syrk):
+    """Both accumulation paths (BLAS ssyrk on one triangle, addmm_ on the full matrix) give the running
+    ``2/N Σ xxᵀ``, symmetric, also when H is read between batches and batches differ in size and scale."""
+    from quantize.gptq import _cpu_syrk
+
+    if syrk and _cpu_syrk() is None:
+        pytest.skip("scipy is not installed: the addmm_ path is the only one")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 48, generator=g) * torch.linspace(0.1, 4, 300)[:, None]
+    h = Hessian(48)
+    if not syrk:
+        h._syrk = None
+    for i, chunk in enumerate(torch.split(x, 70)):
+        h.add(chunk.reshape(-1, 2, 48) if i == 1 and chunk.shape[0] % 2 == 0 else chunk)  # 3-D batches too
+        if i % 2:  # the ssyrk path mirrors one triangle: exactly symmetric
+            assert torch.equal(h.H, h.H.t()) if syrk else torch.allclose(h.H, h.H.t(), rtol=1e-6, atol=1e-6)
+    ref = 2 * x.double().t() @ x.double() / 300
+    assert h.n == 300 and torch.allclose(h.H, h.H.t(), rtol=1e-6, atol=1e-6)
+    assert float((h.H.double() - ref).abs().max() / ref.abs().max()) < 1e-6
 
 
 def test_min_zero_for_gptq_v1():
