@@ -7,20 +7,23 @@
 #
 # Budget (seconds, each step killed by `timeout` at its budget; a failing or killed step does not stop the others):
 #   env        20   nvidia-smi, nvcc, torch / triton / GPU
-#   build     140   pip install --no-build-isolation --no-deps -e .  (TORCH_CUDA_ARCH_LIST=9.0a, MAX_JOBS=16)
+#   build     130   pip install --no-build-isolation --no-deps -e .  (TORCH_CUDA_ARCH_LIST=9.0a, MAX_JOBS=16)
 #   ext        25   the extension loads, every op registers a cuda implementation
-#   parity    120   the op test files' @gpu rows at the full InternViT-6B / projector / W4 GEMM shapes, backends
+#   parity    105   the op test files' @gpu rows at the full InternViT-6B / projector / W4 GEMM shapes, backends
 #                   triton and cuda (a missing extension fails, it is not skipped)
-#   parity_gpu 55   the other @pytest.mark.gpu parity tests at full shapes (Triton; all three dtypes)
-#   memcheck   45   compute-sanitizer --tool memcheck on one call of each CUDA kernel (scripts/cuda_smoke.py)
-#   bench      75   the kernel rows against their baselines (eager, SDPA cuDNN / flash, cuBLAS bf16), CUDA-event
+#   parity_gpu 45   the other @pytest.mark.gpu parity tests at full shapes (Triton; all three dtypes)
+#   memcheck   40   compute-sanitizer --tool memcheck on one call of each CUDA kernel (scripts/cuda_smoke.py)
+#   bench      70   the kernel rows against their baselines (eager, SDPA cuDNN / flash, cuBLAS bf16), CUDA-event
 #                   timing -> bench/results/<gpu>-<date>.json + .md
+#   quantize   45   bench/gpu_quantize_vit6b.py on 4 full-width InternViT-6B blocks (GPTQ W4 g128, real photos):
+#                   time, GPU peak memory, feature SQNR, and the 45-block time projected from the per-block seconds
 #   total     480   (+ a few seconds for the summary and the log tarball)
 #
-# Output, all under $OUT (default: ./gpu_check_out), at most 5 files, no sub-folders:
+# Output, all under $OUT (default: ./gpu_check_out), at most 6 files, no sub-folders:
 #   summary.txt          one line per step: ok / FAILED (rc) / TIMEOUT, seconds used of its budget
 #   logs.tar.gz          every step's log and the pytest junit XML files
 #   <gpu>-<date>.json/.md  the bench results (also left in bench/results/)
+#   gpu_quantize_vit6b.json  the quantize step's result (also in bench/results/)
 # Exit status: the number of steps that did not pass.
 # Environment: PYTHON (default python3), OUT, GPU_CHECK_STEPS (space-separated subset of the steps above).
 set -u
@@ -127,6 +130,13 @@ step_bench() {
   return $rc
 }
 
+step_quantize() {
+  "$PY" bench/gpu_quantize_vit6b.py --layers 4 --images 3 --max-tiles 4 --out "$ROOT/bench/results" --no-progress
+  local rc=$?
+  [ -f bench/results/gpu_quantize_vit6b.json ] && cp bench/results/gpu_quantize_vit6b.json "$OUT/"
+  return $rc
+}
+
 run_step() {  # name budget_seconds
   local name=$1 budget=$2 t0=$SECONDS rc status
   echo "=== [$(date +%T)] $name (budget ${budget}s)"
@@ -154,16 +164,17 @@ T_START=$SECONDS
 failed=0
 export PY ROOT OUT LOGS
 
-STEPS=${GPU_CHECK_STEPS:-"env build ext parity parity_gpu memcheck bench"}
+STEPS=${GPU_CHECK_STEPS:-"env build ext parity parity_gpu memcheck bench quantize"}
 for s in $STEPS; do
   case $s in
     env) run_step env 20 ;;
-    build) run_step build 140 ;;
+    build) run_step build 130 ;;
     ext) run_step ext 25 ;;
-    parity) run_step parity 120 ;;
-    parity_gpu) run_step parity_gpu 55 ;;
-    memcheck) run_step memcheck 45 ;;
-    bench) run_step bench 75 ;;
+    parity) run_step parity 105 ;;
+    parity_gpu) run_step parity_gpu 45 ;;
+    memcheck) run_step memcheck 40 ;;
+    bench) run_step bench 70 ;;
+    quantize) run_step quantize 45 ;;
     *) echo "unknown step $s"; failed=$((failed + 1)) ;;
   esac
 done
