@@ -302,3 +302,22 @@ def _readme_table(path):
 def test_readme_table_is_the_generated_one(readme):
     assert _readme_table(os.path.join(ROOT, readme)) == markdown_table(), \
         "regenerate with: python -m quantize check --table"
+
+
+def test_named_target_warns_once_per_other_consumer():
+    """--target vllm: a layout vLLM loads but lmdeploy / transformers refuse gives one warning line per other
+    consumer (rule ids, where to read the reasons); --target any lists every reason."""
+    from internvl_kernels.quant.consumers import Layout, target_problems
+
+    lay = Layout(kind="internvl_chat", llm_arch="InternLM2ForCausalLM", ps_version="v2", method="gptq",
+                 checkpoint_format="gptq", bits=4, group_size=128, sym=False, desc_act=True, torch_dtype="float16",
+                 config_top=True, config_json=True, quantized=["vision_model.encoder.layers.0.attn.qkv",
+                                                               "language_model.model.layers.0.attention.wqkv"],
+                 quantized_parts={"vision": True, "llm": True})
+    errors, compact = target_problems(lay, "vllm")
+    assert not errors
+    _, full = target_problems(lay, "any")
+    assert compact and len(full) > len(compact)
+    names = [w.split(" (not the target)")[0] for w in compact]
+    assert len(names) == len(set(names)) and "vLLM" not in names
+    assert all("python -m quantize check" in w and "refuses this layout (" in w for w in compact)

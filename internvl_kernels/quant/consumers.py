@@ -363,16 +363,20 @@ def verdicts(lay: Layout) -> dict:
     return {k: evaluate(lay, k) for k in CONSUMERS}
 
 
-def target_problems(lay: Layout, target: str) -> tuple[list[str], list[str]]:
+def target_problems(lay: Layout, target: str, compact: bool | None = None) -> tuple[list[str], list[str]]:
     """``(errors, warnings)`` for writing ``lay`` under ``target``.
 
     Errors: a required consumer does not load it, or ANY consumer would load it wrong (never written).
-    Warnings: other consumers that refuse it (``--target any`` only warns).
+    Warnings: other consumers that refuse it. With ``--target any`` each reason is one warning; for a named target
+    (``compact``, its default) the consumers that were not asked for get one line each with the rule ids — the
+    folder is for the target, the others are a note (``python -m quantize check`` gives every reason).
     """
     req = required_consumers(target, lay)
+    compact = target != "any" if compact is None else compact
     errors, warnings = [], []
     for key, v in verdicts(lay).items():
         name = CONSUMERS[key].name
+        others = []
         for r in v["reasons"]:
             if r["verdict"] == "unknown":
                 continue
@@ -382,7 +386,13 @@ def target_problems(lay: Layout, target: str) -> tuple[list[str], list[str]]:
             elif key in req and r["verdict"] == "refuses":
                 errors.append(msg)
             elif r["verdict"] == "refuses":
-                warnings.append(msg)
+                others.append((r["rule"], msg))
+        if compact and others:
+            ids = ", ".join(sorted({rule for rule, _ in others}))
+            warnings.append(f"{name} (not the target) refuses this layout ({ids}); "
+                            f"`python -m quantize check <folder>` gives the reasons")
+        else:
+            warnings += [m for _, m in others]
     return errors, warnings
 
 
