@@ -12,6 +12,8 @@ import os
 import re
 import struct
 
+from ..checkpoint.config import read_config
+from ..checkpoint.files import CheckpointError
 from .consumers import CONSUMERS, Layout, mixed_fused, required_consumers, target_problems, verdicts
 
 __all__ = ["CheckError", "inspect_folder", "check_folder", "format_check"]
@@ -120,22 +122,14 @@ def inspect_folder(folder: str) -> Layout:
     """The :class:`~internvl_kernels.quant.consumers.Layout` facts of a quantized folder."""
     if not os.path.isdir(folder):
         raise CheckError(f"folder not found: {folder}")
-    cfg_path = os.path.join(folder, "config.json")
-    if not os.path.isfile(cfg_path):
+    if not os.path.isfile(os.path.join(folder, "config.json")):
         raise CheckError(f"{folder} has no config.json (not a checkpoint folder)")
-    try:
-        with open(cfg_path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckError(f"{cfg_path} is not valid JSON ({e})") from e
-    qc_path = os.path.join(folder, "quantize_config.json")
-    qjson = None
-    if os.path.isfile(qc_path):
-        try:
-            with open(qc_path, encoding="utf-8") as f:
-                qjson = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckError(f"{qc_path} is not valid JSON ({e})") from e
+    try:  # the one config reader (named errors for unreadable / non-JSON / non-object files)
+        cfg = read_config(folder)
+        qjson = read_config(folder, "quantize_config.json") \
+            if os.path.isfile(os.path.join(folder, "quantize_config.json")) else None
+    except CheckpointError as e:
+        raise CheckError(str(e)) from e
     llm_cfg = cfg.get("llm_config") if isinstance(cfg.get("llm_config"), dict) else None
     top = cfg.get("quantization_config")
     in_llm = (llm_cfg or {}).get("quantization_config")
