@@ -258,7 +258,10 @@ def _main(args) -> int:
             out = args.out or _default_out(args.model, args.method, args.bits, st.group_size)
         for n in target_notes:
             print(f"--target {args.target}: {n}", file=sys.stderr)
-        for w in dict.fromkeys(target_warnings + more_warn):
+        warn = {}  # one line per other consumer: the model-level check (later) knows more than the flag-level one
+        for w in target_warnings + more_warn:
+            warn[w.split(" (not the target)")[0] if " (not the target)" in w else w] = w
+        for w in warn.values():
             print(f"warning (--target {args.target}): {w}", file=sys.stderr)
         rc = RunConfig(settings=st, parts=parts, target=args.target, nsamples=pick(args.nsamples, "nsamples"),
                        seqlen=pick(args.seqlen, "seqlen"), calib_images=args.calib_images, calib_text=args.calib_text,
