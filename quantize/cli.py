@@ -182,7 +182,9 @@ def _main(args) -> int:
     from .runner import QuantizeError, RunConfig, load_model, run
 
     from .targets import TargetError, apply_defaults, check_model, check_settings, needs_fp16
+    from ._interrupt import check as check_interrupt
 
+    check_interrupt()  # a Ctrl-C swallowed during the imports above
     demo = args.model is None
     try:
         target_notes = apply_defaults(args)

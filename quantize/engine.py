@@ -30,6 +30,7 @@ import torch.nn as nn
 
 from internvl_kernels.quant import formats
 
+from ._interrupt import check as check_interrupt
 from .awq import awq_finalize, search_clip, search_scale
 from .blocks import adapter_for, fold_scale
 from .gptq import Hessian, gptq_quantize, shared_act_order
@@ -371,6 +372,7 @@ def quantize_stack(blocks, prefix: str, calib: Stream, st: QuantSettings, res: P
     bar = tqdm(range(n), desc=f"{desc} [{st.method} W{st.bits} g{st.group_size}]", disable=not st.progress,
                unit="block", dynamic_ncols=True)
     for i in bar:
+        check_interrupt()  # a Ctrl-C whose KeyboardInterrupt CPython swallowed (quantize._interrupt)
         blk = blocks[i]
         home = next(blk.parameters()).device
         blk.to(dev)

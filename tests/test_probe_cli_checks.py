@@ -164,3 +164,26 @@ def test_sigint_during_import_exits_130_without_traceback(ckpt, tmp_path):
         assert err.strip().splitlines()[-1] == "interrupted; nothing was written" and \
             len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "o").exists() and leftovers(tmp_path) == []
+
+
+def test_ctrl_c_swallowed_by_a_callback_is_not_lost(monkeypatch):
+    """A KeyboardInterrupt raised inside a callback CPython runs on its own (here a weakref callback, as the import
+    machinery's are) is dropped as 'Exception ignored'; the CLI's handler records the signal so the next check
+    raises it."""
+    import weakref
+
+    from quantize import _interrupt
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(u.exc_type))
+    monkeypatch.setattr(_interrupt, "_seen", False)
+
+    class Obj:
+        pass
+
+    o = Obj()
+    ref = weakref.ref(o, lambda _: _interrupt._handler(signal.SIGINT, None))
+    del o  # the callback raises KeyboardInterrupt, which CPython ignores
+    assert ref() is None and seen == [KeyboardInterrupt]
+    with pytest.raises(KeyboardInterrupt):
+        _interrupt.check()
