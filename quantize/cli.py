@@ -231,7 +231,7 @@ def _main(args) -> int:
             target_notes.append("--dtype float16 (vLLM's plain GPTQ/AWQ kernel, used when Marlin cannot run this "
                                 "layout, takes float16 only)")
         try:
-            target_warnings = check_settings(args.target, st, parts, None if args.dtype == "auto" else args.dtype)
+            check_settings(args.target, st, parts, None if args.dtype == "auto" else args.dtype)  # refuses early
         except TargetError as e:
             raise QuantizeError(str(e)) from e
         dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
@@ -260,10 +260,9 @@ def _main(args) -> int:
             out = args.out or _default_out(args.model, args.method, args.bits, st.group_size)
         for n in target_notes:
             print(f"--target {args.target}: {n}", file=sys.stderr)
-        warn = {}  # one line per other consumer: the model-level check (later) knows more than the flag-level one
-        for w in target_warnings + more_warn:
-            warn[w.split(" (not the target)")[0] if " (not the target)" in w else w] = w
-        for w in warn.values():
+        # the model-level layout is the flag-level one plus the model's facts: its warnings supersede the flag-level
+        # ones (check_settings ran before loading, to refuse early)
+        for w in dict.fromkeys(more_warn):
             print(f"warning (--target {args.target}): {w}", file=sys.stderr)
         rc = RunConfig(settings=st, parts=parts, target=args.target, nsamples=pick(args.nsamples, "nsamples"),
                        seqlen=pick(args.seqlen, "seqlen"), calib_images=args.calib_images, calib_text=args.calib_text,

@@ -363,16 +363,16 @@ def verdicts(lay: Layout) -> dict:
     return {k: evaluate(lay, k) for k in CONSUMERS}
 
 
-def target_problems(lay: Layout, target: str, compact: bool | None = None) -> tuple[list[str], list[str]]:
+def target_problems(lay: Layout, target: str) -> tuple[list[str], list[str]]:
     """``(errors, warnings)`` for writing ``lay`` under ``target``.
 
     Errors: a required consumer does not load it, or ANY consumer would load it wrong (never written).
     Warnings: other consumers that refuse it. With ``--target any`` each reason is one warning; for a named target
-    (``compact``, its default) the consumers that were not asked for get one line each with the rule ids — the
-    folder is for the target, the others are a note (``python -m quantize check`` gives every reason).
+    the consumers that were not asked for get one line each with the rule ids — the folder is for the target, the
+    others are a note (``python -m quantize check`` gives every reason).
     """
     req = required_consumers(target, lay)
-    compact = target != "any" if compact is None else compact
+    compact = target != "any"
     errors, warnings = [], []
     for key, v in verdicts(lay).items():
         name = CONSUMERS[key].name
